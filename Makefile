@@ -1,0 +1,49 @@
+# t2i-curate: `make demo` and `make test` are the two entry points; both call `make setup`.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+PIP_QUIET := 2>&1 | { grep -vE "^WARNING: Location .* is ignored" || true; }
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test lint bench bench-quick lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements.lock pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	set -o pipefail; $(BIN)/pip install -q -r requirements.txt -c requirements.lock $(PIP_QUIET)
+	set -o pipefail; $(BIN)/pip install -q --no-deps rapidocr==3.10.0 mediapipe==0.10.21 $(PIP_QUIET)
+	set -o pipefail; $(BIN)/pip install -q --no-deps -e . $(PIP_QUIET)
+	$(BIN)/python -c "import cv2, numpy, pyarrow, ray, prefect, duckdb, PIL; print('setup ok: numpy', numpy.__version__, 'cv2', cv2.__version__)"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m t2i.demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+bench-quick: setup
+	$(BIN)/python -m bench.run --quick
+
+lock: setup
+	$(BIN)/pip freeze --exclude-editable | grep -viE "^(rapidocr|mediapipe|t2i-curate)==" > requirements.lock.new
+	{ echo "# Full pinned set, used as pip constraints by \`make setup\`. Regenerate: make lock"; cat requirements.lock.new; } > requirements.lock
+	rm requirements.lock.new
+
+clean:
+	rm -rf $(VENV) demo-out bench-out bench-results.json

@@ -1,0 +1,1 @@
+"""Arrow schemas and config models shared by every stage."""

@@ -1,0 +1,92 @@
+"""The `t2i` command. Thin: it parses arguments and calls the functions the flows call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from schemas.config import ConfigError, load_config
+from tasks.sources import SourceError
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="shard", dynamic_ncols=True, file=sys.stderr)
+
+    def update(result, summary) -> None:
+        bar.update(1)
+        bar.set_postfix(kept=summary.kept, rejected=summary.rejected, refresh=False)
+
+    return bar, update
+
+
+def _cmd_run(args: argparse.Namespace, mode: str) -> int:
+    from tasks.runner import RunConfigMismatch, run
+    from tasks.sources import discover
+
+    cfg = load_config(args.config)
+    if args.workers:
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workers": args.workers})})
+    shards = discover(args.source, cfg.source)
+    from tasks.shards import Manifest
+
+    done = len({s.shard_id for s in shards} & Manifest(Path(args.out)).done_ids())
+    bar, update = _progress_bar(len(shards), done)
+    try:
+        summary = run(args.source, args.out, cfg, mode=mode, progress=update, shards=shards,
+                      use_ray=not args.no_ray)
+    except RunConfigMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        bar.close()
+    print(json.dumps(summary.to_dict(), indent=1))
+    return 1 if summary.failed else 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from tasks.stats import compute_stats, format_stats
+
+    if not Path(args.out).is_dir():
+        print(f"error: no such output folder: {args.out}", file=sys.stderr)
+        return 2
+    stats = compute_stats(args.out)
+    print(json.dumps(stats, indent=1, default=str) if args.json else format_stats(stats))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i", description="Curate image-text pairs for text-to-image training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("curate", "apply the config's rules: kept rows to shards/, the rest to rejects/"),
+                            ("analyze", "compute every signal, apply no rule, to choose thresholds")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--source", required=True, help="webdataset tars, parquet files, or a folder of images")
+        p.add_argument("--out", required=True, help="output folder (shards/, rejects/, _manifest/)")
+        p.add_argument("--config", help="YAML config (defaults apply where absent)")
+        p.add_argument("--workers", type=int, help="override run.workers")
+        p.add_argument("--no-ray", action="store_true", help="process in this process, one shard at a time")
+        p.set_defaults(func=lambda a, mode=name: _cmd_run(a, mode))
+    p = sub.add_parser("stats", help="DuckDB summary of an output folder")
+    p.add_argument("out")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, SourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The cascade over one record batch: decode once, signals cheap to expensive, rules after
+each signal, so an image rejected early never pays for the later signals.
+
+``Chain.score_batch`` is the one stage function the runner, the Prefect flow and the
+benchmark all call: an input batch in, a kept batch and a reject batch out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+
+from schemas.arrow import kept_schema, reject_schema
+from schemas.config import CurateConfig
+from tasks.buckets import BucketAssigner
+from tasks.decode import DecodeError, ImageSample
+from tasks.rules import first_failure
+from tasks.signals import Sample, Signal, build_signals
+
+log = logging.getLogger(__name__)
+
+# Decoding at this short side still runs the whole entropy decoder (so truncation is
+# caught) at 1/8 of the IDCT work, for configs whose signals read no pixels at all.
+VERIFY_SIDE = 64
+
+
+@dataclass
+class _Row:
+    """A sample plus everything known about it so far."""
+
+    key: str
+    source: str
+    caption: str | None
+    meta: str | None
+    data: bytes | None
+    values: dict[str, Any] = field(default_factory=dict)
+    sample: Sample | None = None
+    reason: str | None = None
+    error: str | None = None
+
+    def reject(self, reason: str, error: str | None) -> None:
+        self.reason, self.error = reason, error
+
+
+@dataclass
+class BatchResult:
+    kept: pa.RecordBatch
+    rejects: pa.RecordBatch
+    decodes: int
+
+
+class Chain:
+    """Signals, rules and buckets built once per worker from the config."""
+
+    def __init__(self, cfg: CurateConfig):
+        self.cfg = cfg
+        Image.MAX_IMAGE_PIXELS = cfg.decode.max_pixels  # Pillow's own check, behind ours
+        self.signals: list[Signal] = build_signals(cfg.signals)
+        sides = [s for s in (sig.pixel_side() for sig in self.signals) if s is not None]
+        self.decode_side = max(sides, default=VERIFY_SIDE)
+        self.signal_fields = [f for sig in self.signals for f in sig.fields]
+        self.kept_schema = kept_schema(self.signal_fields)
+        self.reject_schema = reject_schema(self.signal_fields)
+        self.buckets = BucketAssigner(cfg.buckets)
+        self._rules_for = {
+            sig.name: {c: b for c, b in cfg.rules.items() if c in sig.columns()} for sig in self.signals
+        }
+
+    def _open(self, row: _Row) -> None:
+        if row.reason:
+            return
+        try:
+            image = ImageSample(
+                row.data,
+                max_pixels=self.cfg.decode.max_pixels,
+                max_file_bytes=self.cfg.decode.max_file_bytes,
+                decode_side=self.decode_side,
+            )
+            row.sample = Sample(row.key, row.caption, image)
+        except DecodeError as exc:
+            row.reject(exc.reason, exc.detail)
+
+    def _run_signal(self, signal: Signal, rows: list[_Row]) -> None:
+        live = [r for r in rows if not r.reason]
+        if signal.pixel_side() is not None:
+            for r in live:  # decode (once) before the signal, so a bad image is a reject
+                try:
+                    r.sample.image.pixels(signal.pixel_side())
+                except DecodeError as exc:
+                    r.reject(exc.reason, exc.detail)
+            live = [r for r in live if not r.reason]
+        if not live:
+            return
+        try:
+            results = signal.compute_batch([r.sample for r in live])
+        except Exception:  # isolate the sample that breaks the batch
+            log.warning("signal %s failed on a batch; retrying one by one", signal.name, exc_info=True)
+            results = [self._one(signal, r) for r in live]
+        rules = self._rules_for[signal.name]
+        for r, values in zip(live, results, strict=True):
+            if values is None:
+                continue
+            r.values.update(values)
+            verdict = first_failure(values, rules)
+            if verdict is not None:
+                r.reject(verdict.reason, verdict.detail)
+
+    @staticmethod
+    def _one(signal: Signal, row: _Row) -> dict[str, Any] | None:
+        try:
+            return signal.compute(row.sample)
+        except Exception as exc:
+            row.reject(f"signal_error_{signal.name}", f"{type(exc).__name__}: {exc}")
+            return None
+
+    def score_batch(self, batch: pa.RecordBatch, seen_keys: set[str]) -> BatchResult:
+        rows = [_Row(d["key"], d["source"], d["caption"], d["meta"], d["image"]) for d in batch.to_pylist()]
+        for row, err in zip(rows, batch.column("source_error").to_pylist(), strict=True):
+            if err:
+                reason, _, detail = err.partition(": ")
+                row.reject(reason, detail or err)
+            elif row.key in seen_keys:
+                row.reject("duplicate_key", f"key {row.key!r} already seen in this source shard")
+            seen_keys.add(row.key)
+        for row in rows:
+            self._open(row)
+        for signal in self.signals:
+            self._run_signal(signal, rows)
+        for row in rows:  # a kept image must decode, even when no signal read its pixels
+            if not row.reason:
+                try:
+                    row.sample.image.decode()
+                except DecodeError as exc:
+                    row.reject(exc.reason, exc.detail)
+        decodes = sum(r.sample.image.decodes for r in rows if r.sample)
+        return BatchResult(self._kept(rows), self._rejects(rows), decodes)
+
+    def _kept(self, rows: list[_Row]) -> pa.RecordBatch:
+        out = []
+        for r in rows:
+            if r.reason:
+                continue
+            h = r.sample.image.header
+            bw, bh = self.buckets.assign(h.width, h.height)
+            out.append({"key": r.key, "image": r.data, "caption": r.caption, "source": r.source,
+                        "meta": r.meta, "bucket_width": bw, "bucket_height": bh, **r.values})
+        return pa.RecordBatch.from_pylist(out, schema=self.kept_schema)
+
+    def _rejects(self, rows: list[_Row]) -> pa.RecordBatch:
+        out = [{"key": r.key, "source": r.source, "reason": r.reason, "error": r.error, **r.values}
+               for r in rows if r.reason]
+        return pa.RecordBatch.from_pylist(out, schema=self.reject_schema)

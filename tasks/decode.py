@@ -1,0 +1,170 @@
+"""Bytes to an upright RGB image, decoded once and shared by every signal.
+
+The header (size, orientation, format) is read without decoding pixels, so resolution
+rules reject an image before it costs a decode. Pixels are decoded at most once, at the
+smallest size that serves every enabled signal (JPEG's DCT scaling via ``draft`` makes that
+2-8x cheaper than a full decode); smaller views are resized from that one decode.
+Truncated files fail: a half-grey image is bad training data.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow's own bomb check is a second line behind ours; its warnings become errors.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+Image.LOAD_TRUNCATED_IMAGES = False
+
+_ORIENTATION_TAG = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}
+
+
+class DecodeError(Exception):
+    """An image that cannot become training pixels; ``reason`` is the reject reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Header:
+    width: int  # upright, after EXIF orientation
+    height: int
+    format: str
+    mode: str
+    file_bytes: int
+    orientation: int
+    frames: int
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def resize_short_side(img: Image.Image, side: int) -> Image.Image:
+    """Scale so the short side is ``side``; never upscale."""
+    w, h = img.size
+    short = min(w, h)
+    if short <= side:
+        return img
+    scale = side / short
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+class ImageSample:
+    """One encoded image: its header now, its pixels on first request, once.
+
+    ``decode_side`` is the short side the pixels are decoded at (None: full size). Every
+    ``pixels(side)`` call with ``side <= decode_side`` is served from that one decode.
+    """
+
+    def __init__(self, data: bytes | None, *, max_pixels: int, max_file_bytes: int, decode_side: int | None):
+        if not data:
+            raise DecodeError("undecodable", "empty image bytes")
+        if len(data) > max_file_bytes:
+            raise DecodeError("file_too_large", f"{len(data)} bytes > max_file_bytes {max_file_bytes}")
+        self._data = data
+        self._decode_side = decode_side
+        self._max_pixels = max_pixels
+        self._base: Image.Image | None = None
+        self._views: dict[int | None, Image.Image] = {}
+        self.decodes = 0
+        self.header = self._read_header()
+
+    def _open(self) -> Image.Image:
+        try:
+            return Image.open(io.BytesIO(self._data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DecodeError("decompression_bomb", str(exc)) from exc
+        except Exception as exc:  # Pillow raises many types for bad input
+            raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+
+    def _read_header(self) -> Header:
+        img = self._open()
+        try:
+            orientation = int(img.getexif().get(_ORIENTATION_TAG, 1) or 1)
+        except Exception:
+            orientation = 1
+        w, h = img.size
+        if orientation in _SWAPS_AXES:
+            w, h = h, w
+        if w * h > self._max_pixels:
+            raise DecodeError("decompression_bomb", f"{w}x{h} = {w * h} pixels > max_pixels {self._max_pixels}")
+        if w < 1 or h < 1:
+            raise DecodeError("undecodable", f"empty image {w}x{h}")
+        return Header(
+            width=w,
+            height=h,
+            format=img.format or "unknown",
+            mode=img.mode,
+            file_bytes=len(self._data),
+            orientation=orientation,
+            frames=int(getattr(img, "n_frames", 1) or 1),
+        )
+
+    def decode(self) -> Image.Image:
+        """The upright RGB base image (decoded on first call only)."""
+        if self._base is not None:
+            return self._base
+        img = self._open()
+        try:
+            if self._decode_side is not None and img.format == "JPEG":
+                # A square request keeps both stored axes >= side, whatever the orientation.
+                img.draft("RGB", (self._decode_side, self._decode_side))
+            img.seek(0)  # animated images: the first frame
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+        except DecodeError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DecodeError("decompression_bomb", str(exc)) from exc
+        except Exception as exc:
+            raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+        self.decodes += 1
+        if self._decode_side is not None:
+            img = resize_short_side(img, self._decode_side)
+        self._base = img
+        return img
+
+    def pixels(self, side: int | None = None) -> Image.Image:
+        """Upright RGB with short side ``side`` (or the base size), cached per size."""
+        if side in self._views:
+            return self._views[side]
+        base = self.decode()
+        view = base if side is None else resize_short_side(self._smallest_at_least(side), side)
+        self._views[side] = view
+        return view
+
+    def _smallest_at_least(self, side: int) -> Image.Image:
+        """Resize from the smallest cached view that is still large enough: cheaper."""
+        best = self.decode()
+        for view in self._views.values():
+            if side <= min(view.size) < min(best.size):
+                best = view
+        return best
+
+    def release(self) -> None:
+        """Drop pixels (the header stays) so a batch does not hold every image at once."""
+        self._base = None
+        self._views.clear()

@@ -1,0 +1,71 @@
+"""One source shard, start to finish: read, score, write parts, publish, record as done.
+
+This is the unit a Ray task (and, above it, a Prefect task) runs. It passes paths in and
+small counts out; the rows never leave the worker.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from schemas.config import CurateConfig
+from tasks.chain import Chain
+from tasks.shards import Manifest, PartWriter, clear_partial
+from tasks.sources import SourceShard, read_shard
+
+
+@dataclass
+class ShardResult:
+    shard_id: str
+    source: str
+    kept: int = 0
+    rejected: int = 0
+    decodes: int = 0
+    seconds: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return self.kept + self.rejected
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, chain: Chain | None = None) -> ShardResult:
+    """Curate one shard into ``out``. Safe to call again after a crash: it clears the
+    leftovers of an earlier attempt first, and publishes atomically per part."""
+    started = time.perf_counter()
+    out = Path(out)
+    chain = chain or Chain(cfg)
+    clear_partial(out, shard.shard_id)
+    writers = {
+        kind: PartWriter(out, kind, shard.shard_id, schema, cfg.output.max_rows_per_shard,
+                         cfg.output.max_bytes_per_shard)
+        for kind, schema in (("shards", chain.kept_schema), ("rejects", chain.reject_schema))
+    }
+    result = ShardResult(shard.shard_id, shard.path)
+    reasons: Counter[str] = Counter()
+    seen: set[str] = set()
+    for batch in read_shard(shard, cfg.source):
+        scored = chain.score_batch(batch, seen)
+        writers["shards"].add(scored.kept)
+        writers["rejects"].add(scored.rejects)
+        reasons.update(scored.rejects.column("reason").to_pylist())
+        result.decodes += scored.decodes
+    for writer in writers.values():
+        writer.flush()
+    for writer in writers.values():
+        result.files += writer.publish()
+    shutil.rmtree(out / "_tmp" / shard.shard_id, ignore_errors=True)
+    result.kept = writers["shards"].count
+    result.rejected = writers["rejects"].count
+    result.reasons = dict(reasons)
+    result.seconds = round(time.perf_counter() - started, 3)
+    Manifest(out).record(shard.shard_id, result.to_dict())
+    return result

@@ -1,0 +1,157 @@
+"""Fan a source out over Ray, one task per source shard, skipping shards already done.
+
+Tasks get a shard (a path) and the config and return a few counts, so the driver's
+memory does not grow with the data. A bounded window of tasks in flight keeps the driver
+from queueing millions of refs at once. A shard that fails after its retries is recorded
+in the summary and the rest of the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from schemas.config import CurateConfig, RunConfig
+from tasks.process import ShardResult, process_shard
+from tasks.shards import Manifest, write_atomic
+from tasks.sources import SourceShard, discover
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[ShardResult, "RunSummary"], None]
+
+
+class RunConfigMismatch(RuntimeError):
+    """The output folder holds a run made with another config or mode."""
+
+
+@dataclass
+class RunSummary:
+    mode: str
+    source: str
+    out: str
+    shards_total: int = 0
+    shards_skipped: int = 0  # done by an earlier run
+    shards_done: int = 0
+    kept: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+    failed: dict[str, str] = field(default_factory=dict)  # shard_id -> error
+
+    def add(self, result: ShardResult) -> None:
+        self.shards_done += 1
+        self.kept += result.kept
+        self.rejected += result.rejected
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__ | {"failed": dict(self.failed)}
+
+
+def ensure_ray(run: RunConfig) -> None:
+    """Join ``run.ray_address`` or RAY_ADDRESS if set, else start a local runtime sized to
+    ``run.workers``. ``address="local"`` never attaches to a stale cluster file."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = run.ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=run.workers, include_dashboard=False,
+                 runtime_env=env, log_to_driver=False)
+
+
+def _guard_run_config(out: Path, mode: str, cfg: CurateConfig, source: str) -> None:
+    """Resuming with another config would mix two curations in one folder: refuse."""
+    stamp = out / "_run.json"
+    current = {"mode": mode, "source": str(Path(source).resolve()), "config": cfg.model_dump(mode="json")}
+    current["config"].pop("run", None)  # worker count and address may change between attempts
+    if stamp.exists():
+        before = json.loads(stamp.read_text())
+        if before != current:
+            raise RunConfigMismatch(
+                f"{out} holds a {before.get('mode')} run of {before.get('source')} with another config; "
+                "use a new --out, or remove the folder to start over"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(stamp, json.dumps(current, indent=1, sort_keys=True).encode())
+
+
+def _process_remote(shard: SourceShard, cfg: CurateConfig, out: str) -> ShardResult:
+    return process_shard(shard, cfg, Path(out))
+
+
+def run(
+    source: str | Path,
+    out: str | Path,
+    cfg: CurateConfig,
+    *,
+    mode: str = "curate",
+    progress: Progress | None = None,
+    use_ray: bool = True,
+    shards: list[SourceShard] | None = None,
+) -> RunSummary:
+    """Curate (or, with mode="analyze", score without rules) every not-yet-done shard."""
+    started = time.perf_counter()
+    if mode == "analyze":
+        cfg = cfg.without_rules()
+    elif mode != "curate":
+        raise ValueError(f"mode must be curate or analyze, not {mode!r}")
+    out = Path(out)
+    shards = shards if shards is not None else discover(source, cfg.source)
+    _guard_run_config(out, mode, cfg, str(source))
+    done = Manifest(out).done_ids()
+    todo = [s for s in shards if s.shard_id not in done]
+    summary = RunSummary(mode, str(source), str(out), len(shards), len(shards) - len(todo))
+
+    def finished(result: ShardResult) -> None:
+        summary.add(result)
+        if progress:
+            progress(result, summary)
+
+    if not use_ray:
+        for shard in todo:
+            try:
+                finished(process_shard(shard, cfg, out))
+            except Exception as exc:
+                log.exception("shard %s failed", shard.shard_id)
+                summary.failed[shard.shard_id] = f"{type(exc).__name__}: {exc}"
+    else:
+        _run_on_ray(todo, cfg, out, summary, finished)
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _run_on_ray(todo: list[SourceShard], cfg: CurateConfig, out: Path, summary: RunSummary,
+                finished: Callable[[ShardResult], None]) -> None:
+    import ray
+
+    ensure_ray(cfg.run)
+    remote = ray.remote(_process_remote).options(num_cpus=1, max_retries=cfg.run.task_retries,
+                                                  retry_exceptions=cfg.run.task_retries > 0)
+    cfg_ref = ray.put(cfg)
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: dict[Any, SourceShard] = {}
+    queue = list(reversed(todo))
+    while queue or pending:
+        while queue and len(pending) < window:
+            shard = queue.pop()
+            pending[remote.remote(shard, cfg_ref, str(out))] = shard
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            shard = pending.pop(ref)
+            try:
+                finished(ray.get(ref))
+            except Exception as exc:
+                cause = getattr(exc, "cause", None) or exc
+                log.error("shard %s failed: %s", shard.shard_id, cause)
+                summary.failed[shard.shard_id] = f"{type(cause).__name__}: {cause}"

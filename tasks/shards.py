@@ -1,0 +1,116 @@
+"""Atomic Parquet output and the manifest that makes a killed run resumable.
+
+Layout under the output folder::
+
+    shards/{shard_id}.part00000.parquet    kept rows
+    rejects/{shard_id}.part00000.parquet   rejected rows with their reason
+    _manifest/{shard_id}.json              written last: this source shard is done
+    _tmp/{shard_id}/                       parts being written
+
+A source shard's parts are written into ``_tmp`` (temporary name, then rename), moved
+into place when the shard is finished, and only then is its manifest entry written. On
+resume a shard with a manifest entry is skipped; any other shard's leftovers are deleted
+and the shard is done again, so nothing is lost and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+KINDS = ("shards", "rejects")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_table_atomic(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+class Manifest:
+    """Which source shards are finished, one small JSON file each (no shared file to lock)."""
+
+    def __init__(self, out: Path):
+        self.dir = out / "_manifest"
+
+    def done_ids(self) -> set[str]:
+        if not self.dir.is_dir():
+            return set()
+        return {p.stem for p in self.dir.glob("*.json")}
+
+    def record(self, shard_id: str, entry: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.dir / f"{shard_id}.json", json.dumps(entry, indent=1).encode())
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.dir.is_dir():
+            return []
+        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
+
+
+def clear_partial(out: Path, shard_id: str) -> None:
+    """Remove whatever an interrupted attempt at this shard left behind."""
+    shutil.rmtree(out / "_tmp" / shard_id, ignore_errors=True)
+    for kind in KINDS:
+        for leftover in (out / kind).glob(f"{shard_id}.part*.parquet"):
+            leftover.unlink(missing_ok=True)
+
+
+class PartWriter:
+    """Collects batches of one kind for one source shard and cuts parts by rows or bytes."""
+
+    def __init__(self, out: Path, kind: str, shard_id: str, schema: pa.Schema, max_rows: int, max_bytes: int):
+        self.out, self.kind, self.shard_id, self.schema = out, kind, shard_id, schema
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.tmp_dir = out / "_tmp" / shard_id
+        self.pending: list[pa.RecordBatch] = []
+        self.pending_rows = 0
+        self.pending_bytes = 0
+        self.parts: list[str] = []
+        self.count = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Rows beyond ``max_rows`` roll into the next part; a part may pass ``max_bytes``
+        by at most one batch."""
+        self.count += batch.num_rows
+        while batch.num_rows:
+            room = self.max_rows - self.pending_rows
+            head, batch = batch.slice(0, room), batch.slice(room)
+            self.pending.append(head)
+            self.pending_rows += head.num_rows
+            self.pending_bytes += head.nbytes
+            if self.pending_rows >= self.max_rows or self.pending_bytes >= self.max_bytes:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending_rows:
+            return
+        name = f"{self.shard_id}.part{len(self.parts):05d}.parquet"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_batches(self.pending, schema=self.schema)
+        write_table_atomic(self.tmp_dir / f"{self.kind}-{name}", table)
+        self.parts.append(name)
+        self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
+
+    def publish(self) -> list[str]:
+        """Move finished parts into ``{kind}/``; call after ``flush``."""
+        target = self.out / self.kind
+        target.mkdir(parents=True, exist_ok=True)
+        for name in self.parts:
+            os.replace(self.tmp_dir / f"{self.kind}-{name}", target / name)
+        return [f"{self.kind}/{name}" for name in self.parts]

@@ -1,0 +1,43 @@
+"""Sharpness: variance of the Laplacian of the grey image at a fixed short side.
+
+The raw figure rises 2-6x when the same photo is downscaled, so it is only comparable
+across images at one normalised size (512 px short side by default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from tasks.signals.base import NoParams, Sample, Signal
+
+
+class SharpnessParams(NoParams):
+    short_side: int = Field(512, ge=32, le=4096)
+
+
+def laplacian_variance(grey: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian (OpenCV's ksize=1 kernel), valid region only."""
+    g = grey.astype(np.float32)
+    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4.0 * g[1:-1, 1:-1]
+    return float(lap.var()) if lap.size else 0.0
+
+
+class Sharpness(Signal):
+    name = "sharpness"
+    cost = 10
+    Params = SharpnessParams
+    fields = (pa.field("sharpness", pa.float32()),)
+
+    def pixel_side(self) -> int | None:
+        return self.params.short_side
+
+    def compute(self, sample: Sample) -> dict[str, Any]:
+        grey = np.asarray(sample.image.pixels(self.params.short_side).convert("L"))
+        return {"sharpness": laplacian_variance(grey)}
+
+
+SIGNAL = Sharpness
