@@ -12,13 +12,22 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.decode import ImageSample
 
 
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(NoParams):
+    """Actor-pool sizing shared by every model-backed signal."""
+
+    actors: int = Field(1, ge=1, description="actors in this signal's pool")
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPU share per actor; 0 runs on CPU")
+    batch_size: int = Field(16, ge=1)
 
 
 @dataclass
@@ -31,6 +40,7 @@ class Sample:
 
 
 class Signal:
+    uses_actor: ClassVar[bool] = False
     name: ClassVar[str]
     cost: ClassVar[int]  # 0 header-only, 10 cheap pixels, 100+ models
     Params: ClassVar[type[BaseModel]] = NoParams
@@ -49,6 +59,49 @@ class Signal:
     def compute_batch(self, samples: list[Sample]) -> list[dict[str, Any]]:
         return [self.compute(s) for s in samples]
 
+    def unavailable(self) -> str | None:
+        """Why this signal cannot run on this machine (missing weights, say), or None.
+
+        Checked at start: a rule on an unavailable signal is an error before any work;
+        `t2i analyze` leaves an unavailable signal's columns empty, with one warning."""
+        return None
+
     @classmethod
     def columns(cls) -> list[str]:
         return [f.name for f in cls.fields]
+
+
+class ModelSignal(Signal):
+    """A signal backed by a model, run batched in a Ray actor pool.
+
+    The work is split so that each image is still decoded once, in the shard task:
+    ``prepare`` (shard task) turns a sample into a small picklable input, typically a
+    uint8 array at ``pixel_side()``; ``setup`` (once per actor) loads the model;
+    ``infer`` (actor) maps a batch of inputs to one dict of values per input.
+    Without a pool (unit tests, ``--no-ray``) ``compute_batch`` runs all three here.
+    """
+
+    uses_actor: ClassVar[bool] = True
+    Params: ClassVar[type[BaseModel]] = ModelParams
+    _ready: bool = False
+
+    def prepare(self, sample: Sample) -> Any:
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        """Load the model; must not touch the network."""
+
+    def infer(self, inputs: list[Any]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def ensure_setup(self) -> None:
+        if not self._ready:
+            self.setup()
+            self._ready = True
+
+    def compute(self, sample: Sample) -> dict[str, Any]:
+        return self.compute_batch([sample])[0]
+
+    def compute_batch(self, samples: list[Sample]) -> list[dict[str, Any]]:
+        self.ensure_setup()
+        return self.infer([self.prepare(s) for s in samples])
