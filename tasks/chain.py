@@ -117,15 +117,12 @@ class Chain:
             row.reject(f"signal_error_{signal.name}", f"{type(exc).__name__}: {exc}")
             return None
 
-    def score_batch(self, batch: pa.RecordBatch, seen_keys: set[str]) -> BatchResult:
+    def score_batch(self, batch: pa.RecordBatch, kept_keys: set[str]) -> BatchResult:
         rows = [_Row(d["key"], d["source"], d["caption"], d["meta"], d["image"]) for d in batch.to_pylist()]
         for row, err in zip(rows, batch.column("source_error").to_pylist(), strict=True):
             if err:
                 reason, _, detail = err.partition(": ")
                 row.reject(reason, detail or err)
-            elif row.key in seen_keys:
-                row.reject("duplicate_key", f"key {row.key!r} already seen in this source shard")
-            seen_keys.add(row.key)
         for row in rows:
             self._open(row)
         for signal in self.signals:
@@ -136,6 +133,11 @@ class Chain:
                     row.sample.image.decode()
                 except DecodeError as exc:
                     row.reject(exc.reason, exc.detail)
+        for row in rows:  # the first kept row of a key wins; tasks.dedupe does the same across shards
+            if not row.reason:
+                if row.key in kept_keys:
+                    row.reject("duplicate_key", f"key {row.key!r} already kept from this source shard")
+                kept_keys.add(row.key)
         decodes = sum(r.sample.image.decodes for r in rows if r.sample)
         return BatchResult(self._kept(rows), self._rejects(rows), decodes)
 

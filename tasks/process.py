@@ -51,9 +51,9 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, chain: Chain
     }
     result = ShardResult(shard.shard_id, shard.path)
     reasons: Counter[str] = Counter()
-    seen: set[str] = set()
+    kept_keys: set[str] = set()
     for batch in read_shard(shard, cfg.source):
-        scored = chain.score_batch(batch, seen)
+        scored = chain.score_batch(batch, kept_keys)
         writers["shards"].add(scored.kept)
         writers["rejects"].add(scored.rejects)
         reasons.update(scored.rejects.column("reason").to_pylist())

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.config import CurateConfig, RunConfig
+from tasks.dedupe import dedupe_keys
 from tasks.process import ShardResult, process_shard
 from tasks.shards import Manifest, write_atomic
 from tasks.sources import SourceShard, discover
@@ -41,6 +42,7 @@ class RunSummary:
     shards_done: int = 0
     kept: int = 0
     rejected: int = 0
+    duplicates_moved: int = 0  # kept rows whose key an earlier shard already had
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)  # shard_id -> error
 
@@ -127,6 +129,9 @@ def run(
                 summary.failed[shard.shard_id] = f"{type(exc).__name__}: {exc}"
     else:
         _run_on_ray(todo, cfg, out, summary, finished)
+    summary.duplicates_moved = dedupe_keys(out)
+    summary.kept -= summary.duplicates_moved
+    summary.rejected += summary.duplicates_moved
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 
