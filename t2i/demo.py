@@ -1,0 +1,65 @@
+"""`make demo`: build a small img2dataset-style sample from photos that registry packages
+ship, curate it, and print the stats. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+SAMPLES_PER_TAR = 10
+
+
+def _package_dir(package: str) -> Path:
+    if package == "skimage":
+        return Path(str(resources.files("skimage") / "data"))
+    if package == "matplotlib":
+        return Path(str(resources.files("matplotlib") / "mpl-data" / "sample_data"))
+    raise ValueError(f"unknown package {package!r} in demo_captions.yaml")
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_sample(dest: Path) -> Path:
+    """Write the demo sample as webdataset tars (KEY.ext + KEY.txt + KEY.json); idempotent."""
+    entries = yaml.safe_load((Path(__file__).parent / "demo_captions.yaml").read_text(encoding="utf-8"))
+    dest.mkdir(parents=True, exist_ok=True)
+    for shard in range(0, len(entries), SAMPLES_PER_TAR):
+        path = dest / f"{shard // SAMPLES_PER_TAR:05d}.tar"
+        if path.exists():
+            continue
+        tmp = path.with_suffix(".tar.tmp")
+        with tarfile.open(tmp, "w") as tar:
+            for i, entry in enumerate(entries[shard : shard + SAMPLES_PER_TAR]):
+                key = f"{shard // SAMPLES_PER_TAR:05d}{i:04d}"
+                data = (_package_dir(entry["package"]) / entry["file"]).read_bytes()
+                _add(tar, f"{key}.{entry['file'].rsplit('.', 1)[1]}", data)
+                _add(tar, f"{key}.txt", entry["caption"].encode("utf-8"))
+                _add(tar, f"{key}.json", json.dumps({"key": key, "file": entry["file"]}).encode())
+        tmp.rename(path)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    from t2i.cli import main as t2i
+
+    root = Path(argv[0] if argv else "demo-out")
+    source = build_sample(root / "source")
+    print(f"demo sample: {source}")
+    code = t2i(["curate", "--source", str(source), "--out", str(root / "curated")])
+    print()
+    t2i(["stats", str(root / "curated")])
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
