@@ -16,6 +16,7 @@ from PIL import Image
 
 from schemas.arrow import kept_schema, reject_schema
 from schemas.config import CurateConfig
+from tasks.actors import Pools, infer_on_pool
 from tasks.buckets import BucketAssigner
 from tasks.decode import DecodeError, ImageSample
 from tasks.rules import first_failure
@@ -56,11 +57,15 @@ class BatchResult:
 class Chain:
     """Signals, rules and buckets built once per worker from the config."""
 
-    def __init__(self, cfg: CurateConfig):
+    def __init__(self, cfg: CurateConfig, pools: Pools | None = None, skip: frozenset[str] = frozenset()):
+        """``pools``: actor handles per model signal (else models run here); ``skip``:
+        signals left empty because they cannot run here (their columns stay, null)."""
         self.cfg = cfg
+        self.pools = pools or {}
         Image.MAX_IMAGE_PIXELS = cfg.decode.max_pixels  # Pillow's own check, behind ours
         self.signals: list[Signal] = build_signals(cfg.signals)
-        sides = [s for s in (sig.pixel_side() for sig in self.signals) if s is not None]
+        self.active = [s for s in self.signals if s.name not in skip]
+        sides = [s for s in (sig.pixel_side() for sig in self.active) if s is not None]
         self.decode_side = max(sides, default=VERIFY_SIDE)
         self.signal_fields = [f for sig in self.signals for f in sig.fields]
         self.kept_schema = kept_schema(self.signal_fields)
@@ -95,26 +100,41 @@ class Chain:
             live = [r for r in live if not r.reason]
         if not live:
             return
-        try:
-            results = signal.compute_batch([r.sample for r in live])
-        except Exception:  # isolate the sample that breaks the batch
-            log.warning("signal %s failed on a batch; retrying one by one", signal.name, exc_info=True)
-            results = [self._one(signal, r) for r in live]
+        if signal.name in self.pools:
+            live, results = self._on_pool(signal, live)
+        else:
+            try:
+                results = signal.compute_batch([r.sample for r in live])
+            except Exception:  # isolate the sample that breaks the batch
+                log.warning("signal %s failed on a batch; retrying one by one", signal.name, exc_info=True)
+                results = [self._one(signal, r) for r in live]
         rules = self._rules_for[signal.name]
         for r, values in zip(live, results, strict=True):
             if values is None:
+                r.reject(f"signal_error_{signal.name}", r.error or "the model failed on this input")
                 continue
             r.values.update(values)
             verdict = first_failure(values, rules)
             if verdict is not None:
                 r.reject(verdict.reason, verdict.detail)
 
+    def _on_pool(self, signal: Signal, live: list[_Row]) -> tuple[list[_Row], list[dict[str, Any] | None]]:
+        """Prepare here (the decode stays in this task), infer on the signal's actors."""
+        prepared, rows = [], []
+        for r in live:
+            try:
+                prepared.append(signal.prepare(r.sample))
+                rows.append(r)
+            except Exception as exc:
+                r.reject(f"signal_error_{signal.name}", f"{type(exc).__name__}: {exc}")
+        return rows, infer_on_pool(self.pools[signal.name], prepared, signal.params.batch_size)
+
     @staticmethod
     def _one(signal: Signal, row: _Row) -> dict[str, Any] | None:
         try:
             return signal.compute(row.sample)
         except Exception as exc:
-            row.reject(f"signal_error_{signal.name}", f"{type(exc).__name__}: {exc}")
+            row.error = f"{type(exc).__name__}: {exc}"
             return None
 
     def score_batch(self, batch: pa.RecordBatch, kept_keys: set[str]) -> BatchResult:
@@ -125,7 +145,7 @@ class Chain:
                 row.reject(reason, detail or err)
         for row in rows:
             self._open(row)
-        for signal in self.signals:
+        for signal in self.active:
             self._run_signal(signal, rows)
         for row in rows:  # a kept image must decode, even when no signal read its pixels
             if not row.reason:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from schemas.config import CurateConfig
+from tasks.actors import Pools
 from tasks.chain import Chain
 from tasks.shards import Manifest, PartWriter, clear_partial
 from tasks.sources import SourceShard, read_shard
@@ -37,12 +38,13 @@ class ShardResult:
         return asdict(self)
 
 
-def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, chain: Chain | None = None) -> ShardResult:
+def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, pools: Pools | None = None,
+                  skip: frozenset[str] = frozenset()) -> ShardResult:
     """Curate one shard into ``out``. Safe to call again after a crash: it clears the
     leftovers of an earlier attempt first, and publishes atomically per part."""
     started = time.perf_counter()
     out = Path(out)
-    chain = chain or Chain(cfg)
+    chain = Chain(cfg, pools, skip)
     clear_partial(out, shard.shard_id)
     writers = {
         kind: PartWriter(out, kind, shard.shard_id, schema, cfg.output.max_rows_per_shard,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -17,10 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas.config import CurateConfig, RunConfig
+import ray
+
+from schemas.config import ConfigError, CurateConfig, RunConfig
+from tasks.actors import Pools, pool_resources, start_pools, stop_pools
 from tasks.dedupe import dedupe_keys
 from tasks.process import ShardResult, process_shard
 from tasks.shards import Manifest, write_atomic
+from tasks.signals import build_signals, unavailable_signals
 from tasks.sources import SourceShard, discover
 
 log = logging.getLogger(__name__)
@@ -55,11 +60,11 @@ class RunSummary:
         return self.__dict__ | {"failed": dict(self.failed)}
 
 
-def ensure_ray(run: RunConfig) -> None:
-    """Join ``run.ray_address`` or RAY_ADDRESS if set, else start a local runtime sized to
-    ``run.workers``. ``address="local"`` never attaches to a stale cluster file."""
-    import ray
-
+def ensure_ray(run: RunConfig, extra_cpus: float = 0.0) -> None:
+    """Join ``run.ray_address`` or RAY_ADDRESS if set, else start a local runtime with
+    ``run.workers`` CPUs for shard tasks plus what the model actor pools reserve (a shard
+    task waiting on an actor holds no CPU). ``address="local"`` never attaches to a stale
+    cluster file."""
     if ray.is_initialized():
         return
     address = run.ray_address or os.environ.get("RAY_ADDRESS")
@@ -67,7 +72,7 @@ def ensure_ray(run: RunConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(address="local", num_cpus=run.workers, include_dashboard=False,
+        ray.init(address="local", num_cpus=run.workers + math.ceil(extra_cpus), include_dashboard=False,
                  runtime_env=env, log_to_driver=False)
 
 
@@ -88,8 +93,21 @@ def _guard_run_config(out: Path, mode: str, cfg: CurateConfig, source: str) -> N
     write_atomic(stamp, json.dumps(current, indent=1, sort_keys=True).encode())
 
 
-def _process_remote(shard: SourceShard, cfg: CurateConfig, out: str) -> ShardResult:
-    return process_shard(shard, cfg, Path(out))
+def _process_remote(shard: SourceShard, cfg: CurateConfig, out: str, pools: Pools,
+                    skip: frozenset[str]) -> ShardResult:
+    return process_shard(shard, cfg, Path(out), pools, skip)
+
+
+def plan_signals(cfg: CurateConfig) -> frozenset[str]:
+    """The signals to leave empty (weights missing, say), each with one warning; a rule on
+    one of them is a ConfigError before any work."""
+    try:
+        missing = unavailable_signals(build_signals(cfg.signals), cfg.rules)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    for name, why in missing.items():
+        log.warning("signal %s is left empty: %s", name, why)
+    return frozenset(missing)
 
 
 def run(
@@ -109,6 +127,7 @@ def run(
     elif mode != "curate":
         raise ValueError(f"mode must be curate or analyze, not {mode!r}")
     out = Path(out)
+    skip = plan_signals(cfg)
     shards = shards if shards is not None else discover(source, cfg.source)
     _guard_run_config(out, mode, cfg, str(source))
     done = Manifest(out).done_ids()
@@ -123,12 +142,12 @@ def run(
     if not use_ray:
         for shard in todo:
             try:
-                finished(process_shard(shard, cfg, out))
+                finished(process_shard(shard, cfg, out, skip=skip))
             except Exception as exc:
                 log.exception("shard %s failed", shard.shard_id)
                 summary.failed[shard.shard_id] = f"{type(exc).__name__}: {exc}"
     else:
-        _run_on_ray(todo, cfg, out, summary, finished)
+        _run_on_ray(todo, cfg, out, summary, finished, skip)
     summary.duplicates_moved = dedupe_keys(out)
     summary.kept -= summary.duplicates_moved
     summary.rejected += summary.duplicates_moved
@@ -137,10 +156,20 @@ def run(
 
 
 def _run_on_ray(todo: list[SourceShard], cfg: CurateConfig, out: Path, summary: RunSummary,
-                finished: Callable[[ShardResult], None]) -> None:
-    import ray
+                finished: Callable[[ShardResult], None], skip: frozenset[str]) -> None:
+    if not todo:
+        return
+    models = [s for s in build_signals(cfg.signals) if s.uses_actor and s.name not in skip]
+    ensure_ray(cfg.run, extra_cpus=pool_resources(models)[0])
+    pools = start_pools(models)
+    try:
+        _dispatch(todo, cfg, out, summary, finished, pools, skip)
+    finally:
+        stop_pools(pools)
 
-    ensure_ray(cfg.run)
+
+def _dispatch(todo: list[SourceShard], cfg: CurateConfig, out: Path, summary: RunSummary,
+              finished: Callable[[ShardResult], None], pools: Pools, skip: frozenset[str]) -> None:
     remote = ray.remote(_process_remote).options(num_cpus=1, max_retries=cfg.run.task_retries,
                                                   retry_exceptions=cfg.run.task_retries > 0)
     cfg_ref = ray.put(cfg)
@@ -150,7 +179,7 @@ def _run_on_ray(todo: list[SourceShard], cfg: CurateConfig, out: Path, summary: 
     while queue or pending:
         while queue and len(pending) < window:
             shard = queue.pop()
-            pending[remote.remote(shard, cfg_ref, str(out))] = shard
+            pending[remote.remote(shard, cfg_ref, str(out), pools, skip)] = shard
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             shard = pending.pop(ref)

@@ -12,7 +12,7 @@ from typing import Any
 
 from tasks.signals.base import Sample, Signal
 
-__all__ = ["Sample", "Signal", "all_signal_names", "build_signals", "check_config", "registry"]
+__all__ = ["Sample", "Signal", "all_signal_names", "build_signals", "check_config", "registry", "unavailable_signals"]
 
 
 @cache
@@ -52,6 +52,18 @@ def check_config(signals: dict[str, dict[str, Any]], rules: dict[str, Any]) -> N
             raise ValueError(f"rule on unknown column {column!r}; signal columns: {', '.join(sorted(owner))}")
         if owner[column] not in signals:
             raise ValueError(f"rule on {column!r} needs signal {owner[column]!r} under signals:")
+
+
+def unavailable_signals(signals: list[Signal], rules: dict[str, Any]) -> dict[str, str]:
+    """Signals that cannot run here (name -> why). Raises ValueError when a rule needs one:
+    a filter that silently never runs is worse than a run that does not start."""
+    missing = {s.name: why for s in signals if (why := s.unavailable())}
+    owner = _column_owner()
+    for column in rules:
+        if owner.get(column) in missing:
+            raise ValueError(f"the rule on {column!r} needs signal {owner[column]!r}, which cannot run: "
+                             f"{missing[owner[column]]}")
+    return missing
 
 
 def build_signals(signals: dict[str, dict[str, Any]]) -> list[Signal]:

@@ -1,0 +1,92 @@
+"""Model-backed signals in Ray actor pools: each model loaded once per actor, fed in batches.
+
+The driver starts one pool per model signal, sized from that signal's params (actors,
+cpus_per_actor, gpus_per_actor), and hands the actor handles to every shard task. A shard
+task decodes and prepares its images (``ModelSignal.prepare``) and sends batches to the
+pool, so the image is decoded once, in the task, and the model never is loaded twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from tasks.signals import Signal, registry
+
+log = logging.getLogger(__name__)
+
+Pools = dict[str, list[Any]]  # signal name -> actor handles
+
+
+@ray.remote(max_restarts=1, max_task_retries=1)
+class SignalActor:
+    """Holds one loaded model signal."""
+
+    def __init__(self, name: str, params: dict[str, Any]):
+        cls = registry()[name]
+        self.signal = cls(cls.Params.model_validate(params))
+        self.signal.ensure_setup()
+
+    def infer(self, inputs: list[Any]) -> list[dict[str, Any]]:
+        return self.signal.infer(inputs)
+
+    def ready(self) -> bool:
+        return True
+
+
+def pool_resources(signals: Sequence[Signal]) -> tuple[float, float]:
+    """(CPUs, GPUs) that the pools of these signals reserve."""
+    model = [s for s in signals if s.uses_actor]
+    return (sum(s.params.actors * s.params.cpus_per_actor for s in model),
+            sum(s.params.actors * s.params.gpus_per_actor for s in model))
+
+
+def start_pools(signals: Sequence[Signal]) -> Pools:
+    """Start every model signal's actors and wait until each has loaded its model, so a
+    missing weight file fails the run at start, not hours in."""
+    pools: Pools = {}
+    for s in signals:
+        if not s.uses_actor:
+            continue
+        p = s.params
+        pools[s.name] = [
+            SignalActor.options(num_cpus=p.cpus_per_actor, num_gpus=p.gpus_per_actor).remote(
+                s.name, p.model_dump())
+            for _ in range(p.actors)
+        ]
+    ray.get([h.ready.remote() for handles in pools.values() for h in handles])
+    return pools
+
+
+def stop_pools(pools: Pools) -> None:
+    for handles in pools.values():
+        for h in handles:
+            ray.kill(h)
+
+
+def infer_on_pool(handles: list[Any], inputs: list[Any], batch_size: int) -> list[dict[str, Any] | None]:
+    """Spread batches over the pool from a random actor; a batch that fails is retried one
+    input at a time, so one bad input costs its own row (None), not the batch."""
+    if not inputs:
+        return []
+    start = random.randrange(len(handles))
+    actors = itertools.cycle(handles[start:] + handles[:start])
+    batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
+    refs = [next(actors).infer.remote(b) for b in batches]
+    out: list[dict[str, Any] | None] = []
+    for batch, ref in zip(batches, refs, strict=True):
+        try:
+            out += ray.get(ref)
+        except ray.exceptions.RayTaskError:
+            log.warning("a batch failed on the pool; retrying its inputs one by one", exc_info=True)
+            for item in batch:
+                try:
+                    out += ray.get(next(actors).infer.remote([item]))
+                except ray.exceptions.RayTaskError:
+                    out.append(None)
+    return out
