@@ -7,7 +7,7 @@ rather than a rule that silently never runs over a billion rows.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,6 +25,10 @@ class SourceConfig(Strict):
     key_column: str = "key"
     folder_chunk: int = Field(1000, ge=1, description="images per work unit for folder sources")
     batch_rows: int = Field(256, ge=1, description="rows per Arrow batch read from a source")
+    # A tar that breaks part-way: "fail" fails the shard (retried, reported, not marked done,
+    # so a later run redoes it once the file is fixed); "salvage" keeps the rows before the
+    # break and adds one source_unreadable reject row standing for the rest.
+    unreadable: Literal["fail", "salvage"] = "fail"
 
 
 class DecodeConfig(Strict):

@@ -46,9 +46,9 @@ def pool_resources(signals: Sequence[Signal]) -> tuple[float, float]:
             sum(s.params.actors * s.params.gpus_per_actor for s in model))
 
 
-def start_pools(signals: Sequence[Signal]) -> Pools:
+def start_pools(signals: Sequence[Signal], timeout_s: float = 900.0) -> Pools:
     """Start every model signal's actors and wait until each has loaded its model, so a
-    missing weight file fails the run at start, not hours in."""
+    missing weight file fails the run at start, not hours in; never wait forever."""
     pools: Pools = {}
     for s in signals:
         if not s.uses_actor:
@@ -59,7 +59,11 @@ def start_pools(signals: Sequence[Signal]) -> Pools:
                 s.name, p.model_dump())
             for _ in range(p.actors)
         ]
-    ray.get([h.ready.remote() for handles in pools.values() for h in handles])
+    try:
+        ray.get([h.ready.remote() for handles in pools.values() for h in handles], timeout=timeout_s)
+    except Exception:
+        stop_pools(pools)
+        raise
     return pools
 
 

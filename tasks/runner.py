@@ -160,12 +160,27 @@ def _run_on_ray(todo: list[SourceShard], cfg: CurateConfig, out: Path, summary: 
     if not todo:
         return
     models = [s for s in build_signals(cfg.signals) if s.uses_actor and s.name not in skip]
-    ensure_ray(cfg.run, extra_cpus=pool_resources(models)[0])
+    pool_cpus, pool_gpus = pool_resources(models)
+    ensure_ray(cfg.run, extra_cpus=pool_cpus)
+    _check_fits(pool_cpus, pool_gpus)
     pools = start_pools(models)
     try:
         _dispatch(todo, cfg, out, summary, finished, pools, skip)
     finally:
         stop_pools(pools)
+
+
+def _check_fits(pool_cpus: float, pool_gpus: float) -> None:
+    """Actors that hold every CPU leave shard tasks waiting forever: refuse to start."""
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    if pool_cpus + 1 > cpus:
+        raise ConfigError(
+            f"the model actor pools reserve {pool_cpus:g} CPUs and a shard task needs 1, but the Ray cluster has "
+            f"{cpus:g}: lower signals.<name>.actors or cpus_per_actor, or use a larger cluster")
+    if pool_gpus > gpus:
+        raise ConfigError(f"the model actor pools ask for {pool_gpus:g} GPUs, but the Ray cluster has {gpus:g}: "
+                          "set signals.<name>.gpus_per_actor to 0 to run on CPU")
 
 
 def _dispatch(todo: list[SourceShard], cfg: CurateConfig, out: Path, summary: RunSummary,

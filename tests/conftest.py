@@ -49,10 +49,12 @@ def photo_samples(prefix: str = "") -> Iterator[tuple[str, bytes, str, str]]:
 
 @pytest.fixture(scope="session")
 def ray_runtime():
-    """One local Ray for the session (about 3 s); ``address="local"`` ignores stale clusters."""
+    """One local Ray for the session (about 3 s); ``address="local"`` ignores stale clusters.
+    Four logical CPUs on two cores: two for shard tasks, two for model actors, as
+    ``tasks.runner.ensure_ray`` would size it."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     yield ray
     ray.shutdown()

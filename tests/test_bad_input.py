@@ -8,8 +8,9 @@ from pathlib import Path
 import duckdb
 from corpus import UNDECODABLE, build
 
-from schemas.config import Bounds, CurateConfig
+from schemas.config import Bounds, CurateConfig, SourceConfig
 from tasks.runner import run
+from tasks.shards import Manifest
 
 
 def read(out: Path, kind: str) -> list[dict]:
@@ -19,7 +20,7 @@ def read(out: Path, kind: str) -> list[dict]:
 
 def config() -> CurateConfig:
     # Only the caption rule: what is judged here is decoding and accounting, not taste.
-    return CurateConfig(rules={"caption_chars": Bounds(max=4096)})
+    return CurateConfig(rules={"caption_chars": Bounds(max=4096)}, source=SourceConfig(unreadable="salvage"))
 
 
 def test_broken_corpus_is_fully_accounted(tmp_path, ray_runtime):
@@ -68,9 +69,20 @@ def test_kept_rows_carry_the_promised_columns(tmp_path, ray_runtime):
     assert rec["image"][:2] == b"\xff\xd8"  # the original bytes, not a re-encode
 
 
+def test_a_corrupt_tar_fails_its_shard_and_the_rest_completes(tmp_path, ray_runtime):
+    build(tmp_path / "src")
+    strict = config().model_copy(update={"source": SourceConfig(unreadable="fail")})
+    summary = run(tmp_path / "src", tmp_path / "out", strict)
+    assert list(summary.failed) == [s for s in summary.failed if s.startswith("00002")] and len(summary.failed) == 1
+    assert "tar unreadable" in next(iter(summary.failed.values()))
+    assert summary.shards_done == 2 and len(Manifest(tmp_path / "out").done_ids()) == 2
+    outputs = [p.name for p in (tmp_path / "out").glob("*/*.parquet")]
+    assert outputs and not [n for n in outputs if n.startswith("00002")], "a failed shard publishes nothing"
+
+
 def test_analyze_keeps_every_decodable_row(tmp_path, ray_runtime):
     expected = build(tmp_path / "src")
-    run(tmp_path / "src", tmp_path / "out", CurateConfig(), mode="analyze")
+    run(tmp_path / "src", tmp_path / "out", config().model_copy(update={"rules": {}}), mode="analyze")
     rejects = read(tmp_path / "out", "rejects")
     reasons = {r["key"]: r["reason"] for r in rejects}
     assert "caption_huge" not in reasons  # no rule in analyze

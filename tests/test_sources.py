@@ -9,6 +9,7 @@ from conftest import PHOTOS, photo, photo_samples, write_webdataset
 
 from schemas.config import SourceConfig
 from tasks.sources import SourceError, detect_kind, discover, read_shard
+from tasks.sources.base import UnreadableSource
 
 
 def rows(source, cfg: SourceConfig | None = None) -> list[dict]:
@@ -40,11 +41,23 @@ def test_webdataset_bad_members(tmp_path):
     assert got["k3"]["source_error"] is None and got["k3"]["caption"] is None
 
 
-def test_corrupt_tar_yields_rows_before_the_break_and_records_it(tmp_path):
+def broken_tar(tmp_path):
     tar = write_webdataset(tmp_path / "c.tar", photo_samples())
     data = tar.read_bytes()
     tar.write_bytes(data[: len(data) // 2] + b"\x00garbage" * 100)
-    got = rows(tar)
+    return tar
+
+
+SALVAGE = SourceConfig(batch_rows=5, unreadable="salvage")
+
+
+def test_corrupt_tar_fails_the_shard_by_default(tmp_path):
+    with pytest.raises(UnreadableSource, match="tar unreadable after"):
+        rows(broken_tar(tmp_path))
+
+
+def test_corrupt_tar_salvage_yields_rows_before_the_break_and_records_it(tmp_path):
+    got = rows(broken_tar(tmp_path), SALVAGE)
     assert 1 <= len(got) < len(PHOTOS) + 1
     assert got[-1]["key"].endswith("/__unreadable_rest__")
     assert got[-1]["source_error"].startswith("source_unreadable")
@@ -54,7 +67,7 @@ def test_corrupt_tar_yields_rows_before_the_break_and_records_it(tmp_path):
 def test_not_a_tar_at_all(tmp_path):
     bad = tmp_path / "d.tar"
     bad.write_bytes(b"definitely not a tar file" * 10)
-    got = rows(bad)
+    got = rows(bad, SALVAGE)
     assert len(got) == 1 and got[0]["source_error"].startswith("source_unreadable")
 
 

@@ -25,6 +25,10 @@ class SourceError(ValueError):
     """The source cannot be read at all (missing path, wrong columns); raised before work starts."""
 
 
+class UnreadableSource(RuntimeError):
+    """A shard that breaks part-way, with ``source.unreadable: fail``: the shard fails."""
+
+
 # A row's ``source_error`` is "reason: detail"; the reason becomes the reject reason.
 MISSING_IMAGE = "missing_image"
 UNREADABLE = "source_unreadable"

@@ -20,6 +20,7 @@ from tasks.sources.base import (
     UNREADABLE,
     BatchBuilder,
     SourceShard,
+    UnreadableSource,
     decode_caption,
     drain,
     shard_id_for,
@@ -81,6 +82,9 @@ def read(shard: SourceShard, cfg: SourceConfig) -> Iterator[pa.RecordBatch]:
         if group is not None and (batch := _emit(builder, group, shard.path)):
             yield batch
     except (tarfile.TarError, OSError, EOFError) as exc:
+        if cfg.unreadable == "fail":
+            raise UnreadableSource(f"{shard.path}: tar unreadable after "
+                                   f"{group.key if group else 'the start'}: {type(exc).__name__}: {exc}") from exc
         # The group in progress may be incomplete: it is part of what could not be read.
         builder.add(
             key=f"{shard.shard_id}{UNREADABLE_SUFFIX}",

@@ -1,0 +1,244 @@
+"""OCR: how much of the image is text, what the text says, and the caption with that text added.
+
+Kolors drops images dominated by text and puts the text an image shows into its caption, so a
+model learns to draw the words it is asked for. Detection (PP-OCRv6 DB, ONNX, in the rapidocr
+wheel) costs ~0.8-1 s per megapixel of *detector input* on one core, so it runs at a reduced short
+side (``det_side``, 320 px: ~0.15 MP, 90-150 ms whatever the photo's size). Recognition costs
+~25 ms per line, runs only on detected boxes, and cuts them from a larger view (``rec_side``):
+320 px is too coarse to read small print.
+
+The detector alone is not trusted: on a photo of two cats it paints one box over the whole
+image. A box that is recognised must read as text (``min_text_score``) to count; with
+``recognize: false`` only boxes over ``verify_box_area`` of the image are read, to check them.
+
+``ocr_area_ratio`` is the *union* of the kept boxes over the image area (rasterised, so overlaps
+count once; DB's boxes are expanded quadrilaterals, a little larger than the glyphs).
+Models load from explicit paths inside the installed wheel; nothing is ever downloaded.
+The optional PaddleOCR backend needs the paddleocr package and local models in
+``paddle_model_dir``; without them it fails at once with a message naming that setting.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from tasks.signals.base import ModelParams, ModelSignal, Sample
+
+_DET_MODEL = "PP-OCRv6_det_small.onnx"
+_REC_MODEL = "PP-OCRv6_rec_small.onnx"
+
+
+class OcrParams(ModelParams):
+    backend: Literal["rapidocr", "paddleocr"] = "rapidocr"
+    paddle_model_dir: str | None = Field(
+        None, description="backend paddleocr: a directory with PaddleOCR 3.x inference models in det/ and rec/"
+    )
+    det_side: int = Field(320, ge=32, le=4096, description="short side text detection runs at")
+    det_max_side: int = Field(960, ge=32, le=8192, description="cap on the long side at detection (panoramas)")
+    min_box_score: float = Field(0.5, ge=0, le=1, description="mean text probability inside a box to keep it")
+    recognize: bool = Field(True, description="read the text (ocr_text, caption_ocr); False: boxes and area only")
+    rec_side: int = Field(640, ge=32, le=4096, description="short side of the view text lines are cut from")
+    min_text_score: float = Field(0.5, ge=0, le=1, description="recognition confidence for a box to count as text")
+    caption_min_score: float = Field(0.8, ge=0, le=1, description="recognition confidence for a line in caption_ocr")
+    max_lines: int = Field(32, ge=1, description="recognise at most this many boxes, the largest")
+    verify_box_area: float = Field(
+        0.05, ge=0, le=1, description="recognize=False: boxes above this share of the image are still read, to check"
+    )
+    threads: int = Field(1, ge=1, le=64, description="onnxruntime threads per actor (1 measured fastest per core)")
+
+
+def _rapidocr_dir() -> Path | None:
+    spec = importlib.util.find_spec("rapidocr")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def union_area_ratio(boxes: list[np.ndarray], height: int, width: int) -> float:
+    """Fraction of the image covered by at least one box (polygons in pixel coordinates)."""
+    if not boxes or height < 1 or width < 1:
+        return 0.0
+    mask = np.zeros((height, width), np.uint8)
+    for box in boxes:  # one call per box: a single fillPoly would fill the overlaps even-odd, i.e. not at all
+        cv2.fillPoly(mask, [np.round(box).astype(np.int32).reshape(-1, 1, 2)], 1)
+    return min(float(mask.mean()), 1.0)
+
+
+def caption_with_text(caption: str | None, text: str) -> str | None:
+    """``a bus. The image shows the text "TOKYO 123"``; the caption unchanged when there is no text."""
+    if not text:
+        return caption
+    head = (caption or "").strip()
+    if head and head[-1] not in ".!?。！？":
+        head += "."
+    quoted = text.replace('"', "'")
+    return f'{head} The image shows the text "{quoted}"'.strip()
+
+
+def _resize_short(rgb: np.ndarray, side: int) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    if min(h, w) <= side:
+        return rgb
+    scale = side / min(h, w)
+    return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+class Ocr(ModelSignal):
+    name = "ocr"
+    cost = 200
+    Params = OcrParams
+    fields = (
+        pa.field("ocr_area_ratio", pa.float32()),
+        pa.field("ocr_boxes", pa.int32()),
+        pa.field("ocr_text", pa.string()),
+        pa.field("ocr_confidence", pa.float32()),
+        pa.field("caption_ocr", pa.string()),
+    )
+
+    def pixel_side(self) -> int | None:
+        p = self.params
+        return max(p.det_side, p.rec_side) if p.recognize else p.det_side
+
+    def unavailable(self) -> str | None:
+        p = self.params
+        if p.backend == "paddleocr":
+            problems = []
+            if importlib.util.find_spec("paddleocr") is None:
+                problems.append("the paddleocr package is not installed")
+            if not p.paddle_model_dir:
+                problems.append("paddle_model_dir is not set")
+            elif not all((Path(p.paddle_model_dir) / d).is_dir() for d in ("det", "rec")):
+                problems.append(f"paddle_model_dir {p.paddle_model_dir!r} has no det/ and rec/ model directories")
+            if problems:
+                return (
+                    f"ocr backend paddleocr: {'; '.join(problems)}. It needs paddleocr installed and "
+                    "signals.ocr.paddle_model_dir set to a local directory with PaddleOCR 3.x inference models "
+                    "in det/ and rec/ (nothing is downloaded), or use backend: rapidocr"
+                )
+            return None
+        root = _rapidocr_dir()
+        if root is None:
+            return "ocr needs rapidocr==3.10.0 (its wheel ships the PP-OCRv6 ONNX models)"
+        missing = [m for m in (_DET_MODEL, _REC_MODEL) if not (root / "models" / m).is_file()]
+        return f"ocr: model(s) missing from the rapidocr wheel: {', '.join(missing)}" if missing else None
+
+    def prepare(self, sample: Sample) -> tuple[np.ndarray, str | None]:
+        rgb = np.asarray(sample.image.pixels(self.pixel_side()), dtype=np.uint8)
+        return np.ascontiguousarray(rgb), sample.caption
+
+    def setup(self) -> None:
+        problem = self.unavailable()
+        if problem:
+            raise RuntimeError(problem)
+        if self.params.backend == "paddleocr":
+            self._setup_paddle()
+        else:
+            self._setup_rapidocr()
+
+    def _setup_rapidocr(self) -> None:
+        from rapidocr.ch_ppocr_det import TextDetector
+        from rapidocr.ch_ppocr_rec import TextRecognizer
+        from rapidocr.utils.parse_parameters import ParseParams
+
+        logging.getLogger("RapidOCR").setLevel(logging.WARNING)
+        root, p = _rapidocr_dir(), self.params
+        cfg = ParseParams.load(root / "config.yaml")
+        engine = cfg.EngineConfig.onnxruntime
+        engine.intra_op_num_threads, engine.inter_op_num_threads = p.threads, 1
+        cfg.Det.update(engine_cfg=engine, model_path=str(root / "models" / _DET_MODEL))
+        cfg.Det.update(limit_type="max", limit_side_len=p.det_max_side, box_thresh=p.min_box_score)
+        self._det = TextDetector(cfg.Det)
+        cfg.Rec.update(engine_cfg=engine, model_path=str(root / "models" / _REC_MODEL), font_path=None)
+        self._rec = TextRecognizer(cfg.Rec)  # the character list is in the ONNX metadata: no dictionary download
+
+    def _setup_paddle(self) -> None:
+        os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")  # no network probe at import
+        from paddleocr import PaddleOCR
+
+        root, p = Path(self.params.paddle_model_dir or ""), self.params
+        self._paddle = PaddleOCR(
+            text_detection_model_dir=str(root / "det"),
+            text_recognition_model_dir=str(root / "rec"),
+            use_doc_orientation_classify=False,
+            use_doc_unwarping=False,
+            use_textline_orientation=False,
+            text_det_limit_type="max",
+            text_det_limit_side_len=p.det_max_side,
+            text_det_box_thresh=p.min_box_score,
+        )
+
+    def _detect(self, rgb: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The detection view and its text boxes (quadrilaterals in its pixels)."""
+        view = _resize_short(rgb, self.params.det_side)
+        found = self._det(np.ascontiguousarray(view[:, :, ::-1]))  # the models take BGR
+        return view, [] if found.boxes is None else list(found.boxes)
+
+    def _to_read(self, boxes: list[np.ndarray], area: float) -> list[int]:
+        """Which boxes to recognise: all (the largest ``max_lines``) when reading, else only the
+        big ones, to check them: the detector paints a whole-image box over a photo of two cats."""
+        p = self.params
+        areas = [cv2.contourArea(b.astype(np.float32)) for b in boxes]
+        if p.recognize:
+            return sorted(sorted(range(len(boxes)), key=lambda i: -areas[i])[: p.max_lines])
+        return [i for i, a in enumerate(areas) if a >= p.verify_box_area * area]
+
+    def _recognise(self, rgb: np.ndarray, view: np.ndarray, boxes: list[np.ndarray]) -> list[tuple[str, float]]:
+        from rapidocr.ch_ppocr_rec import TextRecInput
+        from rapidocr.utils.process_img import get_rotate_crop_image
+
+        if not boxes:
+            return []
+        scale = np.array([rgb.shape[1] / view.shape[1], rgb.shape[0] / view.shape[0]], np.float32)
+        bgr = rgb[:, :, ::-1]  # crops come from the larger view: 320 px is too coarse to read
+        out = self._rec(TextRecInput(img=[get_rotate_crop_image(bgr, (b * scale).astype(np.float32)) for b in boxes]))
+        return [(str(t).strip(), float(s)) for t, s in zip(out.txts, out.scores, strict=True)]
+
+    def _read(self, rgb: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[tuple[str, float]]]:
+        """Text boxes kept (those recognised must read as text) and the lines read, in reading order."""
+        if self.params.backend == "paddleocr":
+            view = rgb  # PaddleOCR resizes for detection itself (det_max_side) and reads from this view
+            res = next(iter(self._paddle.predict(np.ascontiguousarray(view[:, :, ::-1]))))
+            lines = [(str(t).strip(), float(s)) for t, s in zip(res["rec_texts"], res["rec_scores"], strict=True)]
+            boxes = [np.asarray(b, np.float32) for b in res["rec_polys"]]
+            keep = [i for i, line in enumerate(lines) if self._is_text(line)]
+            return view, [boxes[i] for i in keep], [lines[i] for i in keep]
+        view, boxes = self._detect(rgb)
+        chosen = self._to_read(boxes, view.shape[0] * view.shape[1])
+        read = dict(zip(chosen, self._recognise(rgb, view, [boxes[i] for i in chosen]), strict=True))
+        kept = [i for i in range(len(boxes)) if i not in read or self._is_text(read[i])]
+        return view, [boxes[i] for i in kept], [read[i] for i in kept if i in read]
+
+    def _is_text(self, line: tuple[str, float]) -> bool:
+        return bool(line[0]) and line[1] >= self.params.min_text_score
+
+    def infer(self, inputs: list[tuple[np.ndarray, str | None]]) -> list[dict[str, Any]]:
+        out = []
+        for rgb, caption in inputs:
+            view, boxes, lines = self._read(rgb)
+            row: dict[str, Any] = {
+                "ocr_area_ratio": union_area_ratio(boxes, *view.shape[:2]),
+                "ocr_boxes": len(boxes),
+                "ocr_text": None,
+                "ocr_confidence": None,
+                "caption_ocr": caption,
+            }
+            if self.params.recognize:
+                text = " ".join(t for t, _ in lines)
+                row["ocr_text"] = text
+                row["ocr_confidence"] = sum(s for _, s in lines) / len(lines) if lines else None
+                sure = " ".join(t for t, s in lines if s >= self.params.caption_min_score)
+                row["caption_ocr"] = caption_with_text(caption, sure)
+            out.append(row)
+        return out
+
+
+SIGNAL = Ocr

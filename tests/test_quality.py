@@ -1,0 +1,93 @@
+"""BRISQUE quality: equal to the brisque package, worse for damaged photos, offline, and timed."""
+
+from __future__ import annotations
+
+import io
+import math
+import socket
+import time
+
+import numpy as np
+import pytest
+from conftest import PHOTOS
+from PIL import Image, ImageFilter
+
+from tasks.decode import ImageSample
+from tasks.signals import registry
+from tasks.signals.base import Sample
+from tasks.signals.quality import Quality, QualityParams, brisque_score
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:]!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def sample(data: bytes, signal: Quality, key: str = "k") -> Sample:
+    image = ImageSample(data, max_pixels=10**8, max_file_bytes=10**8, decode_side=signal.pixel_side())
+    return Sample(key, None, image)
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_registered_and_available():
+    assert registry()["quality"] is Quality
+    signal = Quality()
+    assert signal.cost == 150 and signal.pixel_side() == 512
+    assert signal.unavailable() is None
+    with pytest.raises(ValueError):
+        QualityParams(side=384)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the package's own float(array) calls
+def test_equals_brisque_package_and_reports_time(no_network, capsys):
+    from brisque import BRISQUE
+
+    signal = Quality()
+    samples = [sample(p.read_bytes(), signal, p.name) for p in PHOTOS]
+    for s in samples:
+        s.image.pixels(signal.pixel_side())  # decode outside the timed part
+    t0 = time.perf_counter()
+    ours = [r["quality"] for r in signal.compute_batch(samples)]
+    ms = (time.perf_counter() - t0) * 1000 / len(samples)
+
+    reference = BRISQUE(url=False)  # bundled svm.txt + normalize.pickle only; the socket is blocked
+    arrays = [np.asarray(s.image.pixels(signal.pixel_side())) for s in samples]
+    t0 = time.perf_counter()
+    theirs = [float(reference.score(a)) for a in arrays]
+    ms_pkg = (time.perf_counter() - t0) * 1000 / len(samples)
+
+    assert all(math.isfinite(q) for q in ours)
+    assert ours == pytest.approx(theirs, abs=1e-6)
+    with capsys.disabled():
+        print(f"\nBRISQUE at short side {signal.pixel_side()}: {ms:.0f} ms/image (brisque package {ms_pkg:.0f})")
+
+
+@pytest.mark.parametrize("name", ["lena.jpg", "cat.jpg", "blip.jpg", "img9.jpg"])
+def test_blur_and_noise_score_worse(name: str):
+    signal = Quality()
+    original = sample((PHOTOS[0].parent / name).read_bytes(), signal)
+    view = original.image.pixels(signal.pixel_side())
+    blurred = np.asarray(view.filter(ImageFilter.GaussianBlur(4)))
+    rng = np.random.default_rng(0)
+    noisy = np.clip(np.asarray(view) + rng.normal(0, 25, (view.height, view.width, 3)), 0, 255).astype(np.uint8)
+    base, blur, noise = (r["quality"] for r in signal.compute_batch(
+        [original, sample(png(blurred), signal), sample(png(noisy), signal)]))
+    assert blur > base + 10, (base, blur)
+    assert noise > base + 10, (base, noise)
+
+
+def test_flat_or_tiny_image_is_missing():
+    signal = Quality()
+    flat = sample(png(np.full((300, 400, 3), 128, np.uint8)), signal)
+    tiny = sample(png(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)), signal)
+    assert [r["quality"] for r in signal.compute_batch([flat, tiny])] == [None, None]
+    assert brisque_score(np.zeros((64, 64, 3), np.uint8)) is None
