@@ -81,11 +81,16 @@ class RunConfig(Strict):
     task_retries: int = Field(1, ge=0)
 
 
+# Kolors' stage-2 filters, cheapest first. The aesthetic signal is not on by default: its
+# weights (CLIP ViT-L/14 + the LAION head) must be put on disk and named in the config.
 DEFAULT_SIGNALS: dict[str, dict[str, Any]] = {
     "resolution": {},
     "caption": {},
     "sharpness": {},
     "phash": {},
+    "faces": {},
+    "quality": {},
+    "ocr": {},
 }
 
 DEFAULT_RULES: dict[str, dict[str, float]] = {
@@ -93,6 +98,8 @@ DEFAULT_RULES: dict[str, dict[str, float]] = {
     "aspect_ratio": {"min": 1 / 3, "max": 3.0},
     "caption_chars": {"max": 4096},
     "sharpness": {"min": 50},
+    "face_count": {"max": 4},  # crowds of small faces are what a T2I model draws worst
+    "ocr_area_ratio": {"max": 0.3},  # text-dominated images (slides, documents, memes)
 }
 
 
