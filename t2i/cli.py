@@ -59,6 +59,23 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from pipelines.stack import up
+
+    stack = up(port=args.port)
+    print(f"Prefect UI:  {stack.ui_url}")
+    print(f"in another shell:  export PREFECT_API_URL={stack.api_url}")
+    print("  prefect deployment run curate/laion --param source=PATH --param out=DIR")
+    return 0
+
+
+def _cmd_down(_args: argparse.Namespace) -> int:
+    from pipelines.stack import down
+
+    down()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i", description="Curate image-text pairs for text-to-image training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, help="override run.workers")
         p.add_argument("--no-ray", action="store_true", help="process in this process, one shard at a time")
         p.set_defaults(func=lambda a, mode=name: _cmd_run(a, mode))
+    p = sub.add_parser("up", help="start a local Prefect server, work pool and worker; deploy prefect.yaml")
+    p.add_argument("--port", type=int, default=4200)
+    p.set_defaults(func=_cmd_up)
+    p = sub.add_parser("down", help="stop what `t2i up` started")
+    p.set_defaults(func=_cmd_down)
     p = sub.add_parser("stats", help="DuckDB summary of an output folder")
     p.add_argument("out")
     p.add_argument("--json", action="store_true")

@@ -119,8 +119,11 @@ def run(
     progress: Progress | None = None,
     use_ray: bool = True,
     shards: list[SourceShard] | None = None,
+    dedupe: bool = True,
 ) -> RunSummary:
-    """Curate (or, with mode="analyze", score without rules) every not-yet-done shard."""
+    """Curate (or, with mode="analyze", score without rules) every not-yet-done shard.
+    ``shards`` limits the run to some of the source's shards (the Prefect flow's groups);
+    ``dedupe=False`` leaves the cross-shard key pass to the caller, to run once at the end."""
     started = time.perf_counter()
     if mode == "analyze":
         cfg = cfg.without_rules()
@@ -148,7 +151,7 @@ def run(
                 summary.failed[shard.shard_id] = f"{type(exc).__name__}: {exc}"
     else:
         _run_on_ray(todo, cfg, out, summary, finished, skip)
-    summary.duplicates_moved = dedupe_keys(out)
+    summary.duplicates_moved = dedupe_keys(out) if dedupe else 0
     summary.kept -= summary.duplicates_moved
     summary.rejected += summary.duplicates_moved
     summary.seconds = round(time.perf_counter() - started, 3)

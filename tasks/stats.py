@@ -87,3 +87,22 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append("\nbuckets (w x h: rows):")
         lines.append("  " + ", ".join(f"{b['bucket']}: {b['rows']}" for b in stats["buckets"]))
     return "\n".join(lines)
+
+
+def format_markdown(stats: dict[str, Any]) -> str:
+    """The same summary as a Markdown table, for the Prefect UI."""
+    lines = ["# Curation summary", "", f"Output: `{stats['out']}`", "",
+             "| kept | rejected | kept fraction | duplicate keys in shards |", "| --- | --- | --- | --- |",
+             f"| {stats['kept']} | {stats['rejected']} | {_fmt(stats['kept_fraction'])} | {stats['duplicate_keys']} |"]
+    if stats["reasons"]:
+        lines += ["", "## Reject reasons", "", "| reason | rows |", "| --- | --- |"]
+        lines += [f"| {reason} | {n} |" for reason, n in stats["reasons"].items()]
+    if stats["signals"]:
+        cols = ["n", "min", "p5", "p25", "p50", "p75", "p95", "max"]
+        lines += ["", "## Signals over kept rows", "", "| signal | " + " | ".join(cols) + " |",
+                  "|" + " --- |" * (len(cols) + 1)]
+        lines += [f"| {name} | " + " | ".join(_fmt(s[c]) for c in cols) + " |" for name, s in stats["signals"].items()]
+    if stats["buckets"]:
+        lines += ["", "## Buckets", "", "| bucket | rows |", "| --- | --- |"]
+        lines += [f"| {b['bucket']} | {b['rows']} |" for b in stats["buckets"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,123 @@
+"""`prefect deployment run curate/laion` against a real Prefect server (SQLite) and a real
+process worker started by `t2i up`: completion, resume after kill -9, failure reporting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import photo_samples, write_webdataset
+from test_resume import outcome
+
+from schemas.config import load_config
+from tasks.runner import run
+from tasks.shards import Manifest
+
+CHEAP = "signals: {resolution: {}, caption: {}, sharpness: {}, phash: {}}\nrules: {sharpness: {min: 300}}\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    state = tmp_path_factory.mktemp("t2i-state")
+    os.environ["T2I_STATE_DIR"] = str(state)
+    from pipelines import stack as stack_mod
+
+    started = stack_mod.up(port=free_port())
+    env = stack_mod.prefect_env(started.api_url)
+    yield stack_mod, started, env
+    stack_mod.down()
+    os.environ.pop("T2I_STATE_DIR", None)
+
+
+def deployment_run(env: dict, *params: str, watch: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    args = [str(Path(sys.executable).with_name("prefect")), "deployment", "run", "curate/laion"]
+    for p in params:
+        args += ["--param", p]
+    if watch:
+        return subprocess.run([*args, "--watch", "--watch-timeout", "300"], env=env, capture_output=True, text=True,
+                              timeout=360)
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@contextmanager
+def client(env: dict):
+    """A sync Prefect client on the test stack's server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+        yield c
+
+
+def test_deployment_run_completes_with_the_right_shards_and_a_summary(tmp_path, stack):
+    _, _, env = stack
+    for t in range(3):
+        write_webdataset(tmp_path / "src" / f"{t:05d}.tar", photo_samples(f"{t}-"))
+    (tmp_path / "c.yaml").write_text(CHEAP)
+    result = deployment_run(env, f"source={tmp_path / 'src'}", f"out={tmp_path / 'out'}",
+                            f"config={tmp_path / 'c.yaml'}", "shards_per_task=2")
+    assert result.returncode == 0 and "Completed" in result.stdout, result.stdout[-2000:]
+    run(tmp_path / "src", tmp_path / "ref", load_config(tmp_path / "c.yaml"), use_ray=False)
+    assert outcome(tmp_path / "out") == outcome(tmp_path / "ref")
+
+    with client(env) as c:
+        keys = {a.key for a in c.read_artifacts()}
+    assert {"curate-summary", "curate-progress"} <= keys
+
+
+def test_killed_worker_then_rerun_loses_and_duplicates_nothing(tmp_path, stack):
+    stack_mod, started, env = stack
+    for t in range(40):
+        write_webdataset(tmp_path / "src" / f"{t:05d}.tar", photo_samples(f"{t:02d}-"))
+    (tmp_path / "c.yaml").write_text(CHEAP)
+    params = (f"source={tmp_path / 'src'}", f"out={tmp_path / 'out'}", f"config={tmp_path / 'c.yaml'}",
+              "shards_per_task=8")
+    deployment_run(env, *params, watch=False).wait(timeout=60)
+    deadline = time.time() + 180
+    while len(Manifest(tmp_path / "out").done_ids()) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    worker = stack_mod.Stack.load().worker_pid
+    os.killpg(worker, signal.SIGKILL)  # the worker and the flow run it started
+    time.sleep(1)
+    done_at_kill = len(Manifest(tmp_path / "out").done_ids())
+    assert 4 <= done_at_kill < 40, "the kill must land mid-run"
+
+    restarted = stack_mod.up(port=int(started.api_url.rsplit(":", 1)[1].split("/")[0]))
+    assert restarted.worker_pid != worker and restarted.server_pid == started.server_pid
+    result = deployment_run(env, *params)
+    assert result.returncode == 0 and "Completed" in result.stdout, result.stdout[-2000:]
+    run(tmp_path / "src", tmp_path / "ref", load_config(tmp_path / "c.yaml"), use_ray=False)
+    assert outcome(tmp_path / "out") == outcome(tmp_path / "ref")
+
+
+def test_a_failing_group_is_retried_reported_and_the_rest_completes(tmp_path, stack):
+    _, _, env = stack
+    for t in range(4):
+        write_webdataset(tmp_path / "src" / f"{t:05d}.tar", photo_samples(f"{t}-"))
+    broken = tmp_path / "src" / "00002.tar"
+    broken.write_bytes(broken.read_bytes()[:300_000] + b"\x17" * 4096)
+    (tmp_path / "c.yaml").write_text(CHEAP + "run: {task_retries: 1}\n")
+    result = deployment_run(env, f"source={tmp_path / 'src'}", f"out={tmp_path / 'out'}",
+                            f"config={tmp_path / 'c.yaml'}", "shards_per_task=1")
+    assert result.returncode != 0 and "Failed" in result.stdout
+    assert len(Manifest(tmp_path / "out").done_ids()) == 3
+
+    with client(env) as c:
+        latest = max(c.read_flow_runs(), key=lambda r: r.created)
+        assert latest.state.is_failed() and "tar unreadable" in latest.state.message
+        groups = [t for t in c.read_task_runs() if t.flow_run_id == latest.id and t.name.startswith("curate-")]
+        assert sorted(t.run_count for t in groups) == [1, 1, 1, 2]  # the broken group ran twice
+        assert sum(t.state.is_failed() for t in groups) == 1
