@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 import tarfile
 from importlib import resources
@@ -50,14 +51,23 @@ def build_sample(dest: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Start the local stack, run `prefect deployment run curate/laion` on the sample, wait,
+    print the stats; the server stays up so the run can be looked at in the UI."""
+    from pipelines.stack import prefect_env, up
     from t2i.cli import main as t2i
 
-    root = Path(argv[0] if argv else "demo-out")
+    root = Path(argv[0] if argv else "demo-out").resolve()
     source = build_sample(root / "source")
     print(f"demo sample: {source}")
-    code = t2i(["curate", "--source", str(source), "--out", str(root / "curated")])
-    print()
-    t2i(["stats", str(root / "curated")])
+    stack = up()
+    out = root / "curated"
+    cmd = [str(Path(sys.executable).with_name("prefect")), "deployment", "run", "curate/laion",
+           "--param", f"source={source}", "--param", f"out={out}", "--watch", "--watch-timeout", "900"]
+    print("$", " ".join(cmd[1:]))
+    code = subprocess.run(cmd, env=prefect_env(stack.api_url), stdout=subprocess.DEVNULL).returncode
+    print(f"flow run {'completed' if code == 0 else 'FAILED'}\n")
+    t2i(["stats", str(out)])
+    print(f"\nPrefect UI (server left running; `t2i down` stops it): {stack.ui_url}")
     return code
 
 
