@@ -67,6 +67,7 @@ class Chain:
         self.active = [s for s in self.signals if s.name not in skip]
         sides = [s for s in (sig.pixel_side() for sig in self.active) if s is not None]
         self.decode_side = max(sides, default=VERIFY_SIDE)
+        self.color = any(sig.color for sig in self.active if sig.pixel_side() is not None)
         self.signal_fields = [f for sig in self.signals for f in sig.fields]
         self.kept_schema = kept_schema(self.signal_fields)
         self.reject_schema = reject_schema(self.signal_fields)
@@ -84,6 +85,7 @@ class Chain:
                 max_pixels=self.cfg.decode.max_pixels,
                 max_file_bytes=self.cfg.decode.max_file_bytes,
                 decode_side=self.decode_side,
+                color=self.color,
             )
             row.sample = Sample(row.key, row.caption, image)
         except DecodeError as exc:

@@ -76,15 +76,20 @@ class ImageSample:
 
     ``decode_side`` is the short side the pixels are decoded at (None: full size). Every
     ``pixels(side)`` call with ``side <= decode_side`` is served from that one decode.
+    ``color=False`` (no enabled signal reads colour) decodes straight to grey: the JPEG
+    decoder then skips chroma upsampling and colour conversion, and resizes touch one
+    channel instead of three.
     """
 
-    def __init__(self, data: bytes | None, *, max_pixels: int, max_file_bytes: int, decode_side: int | None):
+    def __init__(self, data: bytes | None, *, max_pixels: int, max_file_bytes: int, decode_side: int | None,
+                 color: bool = True):
         if not data:
             raise DecodeError("undecodable", "empty image bytes")
         if len(data) > max_file_bytes:
             raise DecodeError("file_too_large", f"{len(data)} bytes > max_file_bytes {max_file_bytes}")
         self._data = data
         self._decode_side = decode_side
+        self._color = color
         self._max_pixels = max_pixels
         self._base: Image.Image | None = None
         self._views: dict[int | None, Image.Image] = {}
@@ -123,18 +128,21 @@ class ImageSample:
         )
 
     def decode(self) -> Image.Image:
-        """The upright RGB base image (decoded on first call only)."""
+        """The upright base image, RGB (or L without ``color``), decoded on first call only."""
         if self._base is not None:
             return self._base
         img = self._open()
         try:
             if self._decode_side is not None and img.format == "JPEG":
                 # A square request keeps both stored axes >= side, whatever the orientation.
-                img.draft("RGB", (self._decode_side, self._decode_side))
+                img.draft("RGB" if self._color else "L", (self._decode_side, self._decode_side))
             img.seek(0)  # animated images: the first frame
             img.load()
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
+            if self.header.orientation != 1:  # exif_transpose copies the image even when upright
+                img = ImageOps.exif_transpose(img)
+            if self._color or img.mode != "L":
+                img = _to_rgb(img)
+                img = img if self._color else img.convert("L")
         except DecodeError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

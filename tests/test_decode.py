@@ -139,3 +139,18 @@ def test_truncated_jpeg_is_rejected_not_padded(side):
 def test_file_size_guard():
     with pytest.raises(DecodeError, match="file_too_large"):
         ImageSample(photo("cat.jpg"), max_pixels=10**8, max_file_bytes=1000, decode_side=None)
+
+
+def test_grey_decode_when_no_signal_reads_colour():
+    grey = ImageSample(photo("blip.jpg"), max_pixels=10**8, max_file_bytes=10**8, decode_side=512, color=False)
+    rgb = sample(photo("blip.jpg"), side=512)
+    assert grey.pixels(512).mode == "L" and grey.pixels(512).size == rgb.pixels(512).size == (768, 512)
+    want = np.asarray(rgb.pixels(512).convert("L"), dtype=np.int16)
+    diff = np.abs(np.asarray(grey.pixels(512), dtype=np.int16) - want)
+    assert diff.mean() < 2.0 and grey.decodes == 1
+
+
+def test_grey_decode_of_odd_modes():
+    cmyk = Image.open(io.BytesIO(photo("cat.jpg"))).convert("CMYK")
+    s = ImageSample(encode(cmyk, "JPEG"), max_pixels=10**8, max_file_bytes=10**8, decode_side=64, color=False)
+    assert s.pixels(64).mode == "L" and np.asarray(s.pixels(64)).std() > 10

@@ -41,6 +41,7 @@ class Sample:
 
 class Signal:
     uses_actor: ClassVar[bool] = False
+    color: ClassVar[bool] = True  # False: grey pixels suffice (lets the decoder skip colour)
     name: ClassVar[str]
     cost: ClassVar[int]  # 0 header-only, 10 cheap pixels, 100+ models
     Params: ClassVar[type[BaseModel]] = NoParams

@@ -42,6 +42,7 @@ def hamming(a: int, b: int) -> int:
 
 class PHash(Signal):
     name = "phash"
+    color = False
     cost = 11
     fields = (pa.field("phash", pa.int64()),)
 

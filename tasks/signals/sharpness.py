@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
@@ -20,14 +21,18 @@ class SharpnessParams(NoParams):
 
 
 def laplacian_variance(grey: np.ndarray) -> float:
-    """Variance of the 4-neighbour Laplacian (OpenCV's ksize=1 kernel), valid region only."""
-    g = grey.astype(np.float32)
-    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4.0 * g[1:-1, 1:-1]
-    return float(lap.var()) if lap.size else 0.0
+    """Variance of the 4-neighbour Laplacian (OpenCV's ksize=1 kernel), valid region only.
+    int16 holds it exactly (|lap| <= 4 * 255) and runs twice as fast as float32."""
+    if min(grey.shape[:2]) < 3:
+        return 0.0
+    lap = cv2.Laplacian(np.ascontiguousarray(grey, dtype=np.uint8), cv2.CV_16S, ksize=1)[1:-1, 1:-1]
+    _, std = cv2.meanStdDev(lap)
+    return float(std[0, 0]) ** 2
 
 
 class Sharpness(Signal):
     name = "sharpness"
+    color = False
     cost = 10
     Params = SharpnessParams
     fields = (pa.field("sharpness", pa.float32()),)
