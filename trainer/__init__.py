@@ -1,0 +1,1 @@
+"""Training side of t2i-curate: schedules, text condition, tiny Kolors stand-ins and pipeline export."""
