@@ -1,0 +1,372 @@
+"""``python -m bench.run [--quick]``: issue 2's speed, scaling and memory figures, in one run.
+
+Four figures, each measured on the same synthetic corpus (see bench/corpus.py):
+
+- ``decode_images_per_s``: a bare full-size decode (open, load, RGB) of every image, one process.
+  It is the floor any pipeline that looks at pixels pays, so the chain is judged against it.
+- ``chain_images_per_s``: ``Chain.score_batch`` over the same rows, one process. The chain
+  decodes at a reduced size, so it may even beat the bare decode; ``chain_cost_vs_decode`` is
+  decode rate / chain rate.
+- ``workers_speedup``: the whole runner on Ray with 1 worker vs 2, a fresh Ray and a fresh
+  output folder each time; ``ray.init`` is timed apart from the run.
+- ``rss_growth``: the peak summed RSS of this process and its children (Ray workers) over a
+  corpus 10x larger vs the small one; a streaming pipeline should stay flat.
+
+The table printed at the end says what passed; ``bench-results.json`` at the repo root gets
+these figures merged in (other keys, from other benchmarks, are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pyarrow as pa
+from PIL import Image
+
+from bench.corpus import REPO, CorpusSpec, build_corpus
+from bench.memory import TreeSampler
+from schemas.config import CurateConfig
+from tasks.chain import Chain
+from tasks.runner import ensure_ray, run
+from tasks.signals import registry
+from tasks.sources import SourceShard, discover, read_shard
+
+BENCH_OUT = REPO / "bench-out"
+RESULTS = REPO / "bench-results.json"
+# This issue's signal chain. Model signals added later (faces, OCR, ...) are left out on
+# purpose, so the figures stay comparable from one commit to the next.
+SIGNALS = ("resolution", "caption", "sharpness", "phash")
+TARGETS: dict[str, tuple[str, float]] = {
+    "chain_cost_vs_decode": ("<=", 1.5),
+    "workers_speedup": (">=", 1.7),
+    "rss_growth": ("<=", 1.2),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one benchmark run. The large corpus is 10x the small one; the small one is
+    its first tars, so both runs read the same kind of images."""
+
+    mode: str
+    small_samples: int
+    per_tar: int
+    speedup_tars: int  # >= 8, so two workers both stay busy to the end
+    compare_images: int  # images for the decode vs chain comparison
+    repeats: int = 2  # decode and chain passes, interleaved; the best of each is reported
+
+    @property
+    def large_samples(self) -> int:
+        return 10 * self.small_samples
+
+
+PLANS = {
+    "full": Plan("full", small_samples=2_000, per_tar=500, speedup_tars=8, compare_images=1_000),
+    # Fits in a minute on 2 cores from a cold cache: small tars keep 4 of them in the small corpus.
+    "quick": Plan("quick", small_samples=200, per_tar=50, speedup_tars=8, compare_images=200),
+}
+
+
+def bench_config(workers: int) -> CurateConfig:
+    """The default config cut down to this issue's signals (and the rules on their columns)."""
+    base = CurateConfig()
+    columns = {c for name in SIGNALS for c in registry()[name].columns()}
+    data = base.model_dump(mode="json")
+    data["signals"] = {name: base.signals.get(name, {}) for name in SIGNALS}
+    data["rules"] = {c: b for c, b in data["rules"].items() if c in columns}
+    data["run"]["workers"] = workers
+    return CurateConfig.model_validate(data)
+
+
+# --- decode vs chain, in this process -------------------------------------------------------
+
+
+def load_batches(shards: list[SourceShard], cfg: CurateConfig, images: int) -> list[pa.RecordBatch]:
+    """The first ``images`` rows as the source reader gives them, read before any timing."""
+    batches: list[pa.RecordBatch] = []
+    have = 0
+    for shard in shards:
+        for batch in read_shard(shard, cfg.source):
+            batches.append(batch.slice(0, images - have))
+            have += batches[-1].num_rows
+            if have >= images:
+                return batches
+    return batches
+
+
+def time_full_decode(images: list[bytes]) -> float:
+    """Seconds for a plain full-size decode of each image: what any pixel reader must pay."""
+    started = time.perf_counter()
+    for data in images:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img.convert("RGB")
+    return time.perf_counter() - started
+
+
+def time_chain(batches: list[pa.RecordBatch], cfg: CurateConfig) -> tuple[float, dict[str, int]]:
+    """Seconds for ``Chain.score_batch`` over the batches (header, decode, signals, rules,
+    output rows), and how many rows were kept and rejected."""
+    chain = Chain(cfg)  # built once per worker in the runner too: not part of the per-image cost
+    seen: set[str] = set()
+    kept = rejected = decodes = 0
+    started = time.perf_counter()
+    for batch in batches:
+        result = chain.score_batch(batch, seen)
+        kept += result.kept.num_rows
+        rejected += result.rejects.num_rows
+        decodes += result.decodes
+    seconds = time.perf_counter() - started
+    return seconds, {"kept": kept, "rejected": rejected, "decodes": decodes}
+
+
+def measure_decode_vs_chain(shards: list[SourceShard], plan: Plan) -> dict[str, Any]:
+    """Both passes over the same rows, interleaved so a burst of outside load hits both alike."""
+    cfg = bench_config(workers=1)
+    batches = load_batches(shards, cfg, plan.compare_images)
+    images = [data for b in batches for data in b.column("image").to_pylist()]
+    decode_s, chain_s = [], []
+    with TreeSampler() as mem:
+        for _ in range(plan.repeats):
+            decode_s.append(time_full_decode(images))
+            seconds, counts = time_chain(batches, cfg)
+            chain_s.append(seconds)
+    n = len(images)
+    decode_ips, chain_ips = n / min(decode_s), n / min(chain_s)
+    return {
+        "images": n,
+        "mean_image_kb": round(sum(map(len, images)) / n / 1024, 1),
+        "mean_megapixels": round(_mean_megapixels(images), 3),
+        "decode_seconds": [round(s, 3) for s in decode_s],
+        "chain_seconds": [round(s, 3) for s in chain_s],
+        "decode_images_per_s": round(decode_ips, 1),
+        "chain_images_per_s": round(chain_ips, 1),
+        "chain_cost_vs_decode": round(decode_ips / chain_ips, 3),
+        "other_cpu_s": round(mem.other_cpu_s, 2),
+        **counts,
+    }
+
+
+def _mean_megapixels(images: list[bytes]) -> float:
+    total = 0
+    for data in images:
+        with Image.open(io.BytesIO(data)) as img:  # header only
+            total += img.width * img.height
+    return total / len(images) / 1e6
+
+
+# --- the runner on Ray ----------------------------------------------------------------------
+
+
+def timed_run(name: str, corpus: Path, shards: list[SourceShard], workers: int) -> dict[str, Any]:
+    """One runner call on a fresh local Ray into a fresh folder, with memory sampled throughout.
+
+    ``ray.init`` is timed apart: it is paid once per job, not per image. The run time does
+    include starting the Ray worker processes and their imports, which every job also pays.
+    Shard finish times split the run into start-up, the shard phase and the tail after the
+    last shard (the cross-shard key pass), which is what a missed speedup needs explained."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cfg = bench_config(workers)
+    out = BENCH_OUT / "runs" / name
+    shutil.rmtree(out, ignore_errors=True)
+    finished: list[tuple[float, float]] = []  # (finish time, seconds inside process_shard)
+    with TreeSampler() as mem:
+        started = time.perf_counter()
+        ensure_ray(cfg.run)
+        ray_up = time.perf_counter()
+        summary = run(corpus, out, cfg, mode="curate", use_ray=True, shards=shards,
+                      progress=lambda result, _: finished.append((time.perf_counter(), result.seconds)))
+        run_end = time.perf_counter()
+        ray.shutdown()
+    shutil.rmtree(out, ignore_errors=True)  # kept rows carry the image bytes: as big as the corpus
+    if summary.failed or summary.shards_done != len(shards):
+        raise RuntimeError(f"{name}: {summary.shards_done}/{len(shards)} shards done, failed: {summary.failed}")
+    images = summary.kept + summary.rejected
+    run_s = run_end - ray_up
+    busy = sum(seconds for _, seconds in finished)
+    first_start = min(done - seconds for done, seconds in finished)
+    last_done = max(done for done, _ in finished)
+    return {
+        "workers": workers,
+        "tars": len(shards),
+        "images": images,
+        "kept": summary.kept,
+        "rejected": summary.rejected,
+        "ray_init_s": round(ray_up - started, 2),
+        "run_s": round(run_s, 2),
+        "images_per_s": round(images / run_s, 1),
+        "shard_busy_s": round(busy, 2),  # time inside process_shard, all shards
+        "shard_mean_s": round(busy / len(finished), 3),
+        "startup_s": round(first_start - ray_up, 2),  # run() called -> first shard starts work
+        "shard_phase_s": round(last_done - first_start, 2),
+        "tail_s": round(run_end - last_done, 2),  # last shard done -> run() returns
+        # Share of the shard phase the workers spent inside process_shard (1.0: never idle).
+        "shard_phase_efficiency": round(busy / (workers * (last_done - first_start)), 3),
+        **mem.report(),
+    }
+
+
+def measure_workers(corpus: Path, shards: list[SourceShard], plan: Plan) -> dict[str, Any]:
+    """The same tars with 1 worker, then 2: speedup of the run time (and with ray.init added)."""
+    subset = shards[: plan.speedup_tars]
+    one = timed_run("workers-1", corpus, subset, workers=1)
+    two = timed_run("workers-2", corpus, subset, workers=2)
+    return {
+        "one": one,
+        "two": two,
+        "workers_speedup": round(one["run_s"] / two["run_s"], 3),
+        "speedup_incl_ray_init": round((one["run_s"] + one["ray_init_s"]) / (two["run_s"] + two["ray_init_s"]), 3),
+        # What one worker needs per shard when alone vs beside another: > 1 means the two
+        # workers slow each other down (shared cores, memory bandwidth, outside load).
+        "shard_slowdown_with_two": round(two["shard_mean_s"] / one["shard_mean_s"], 3),
+    }
+
+
+def measure_rss(corpus: Path, shards: list[SourceShard], plan: Plan) -> dict[str, Any]:
+    """Peak tree RSS over the small corpus vs the 10x one, both with 2 workers."""
+    small_tars = -(-plan.small_samples // plan.per_tar)
+    small = timed_run("rss-small", corpus, shards[:small_tars], workers=2)
+    large = timed_run("rss-large", corpus, shards, workers=2)
+    return {"small": small, "large": large, "rss_growth": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)}
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def passed(name: str, value: float) -> bool:
+    op, target = TARGETS[name]
+    return value <= target if op == "<=" else value >= target
+
+
+def print_table(results: dict[str, Any]) -> None:
+    rows = [
+        ("decode_images_per_s", results["decode_images_per_s"], "", ""),
+        ("chain_images_per_s", results["chain_images_per_s"], "", ""),
+    ]
+    for name, (op, target) in TARGETS.items():
+        rows.append((name, results[name], f"{op} {target}", "PASS" if results["passed"][name] else "FAIL"))
+    print(f"\nbench ({results['mode']}, {results['machine']['cores']} cores, {results['wall_s']} s)")
+    print(f"{'figure':<24}{'value':>12}  {'target':<10}{'result'}")
+    for name, value, target, verdict in rows:
+        print(f"{name:<24}{value:>12}  {target:<10}{verdict}")
+    w, r = results["workers_runs"], results["rss_runs"]
+    print(f"\nworkers: 1 -> {w['one']['run_s']} s, 2 -> {w['two']['run_s']} s over {w['one']['images']} images "
+          f"in {w['one']['tars']} tars (ray.init {w['one']['ray_init_s']} / {w['two']['ray_init_s']} s; "
+          f"speedup incl. init {w['speedup_incl_ray_init']}; per-shard slowdown with two "
+          f"{w['shard_slowdown_with_two']})")
+    for label, x in (("1 worker", w["one"]), ("2 workers", w["two"])):
+        print(f"  {label}: start-up {x['startup_s']} s, shard phase {x['shard_phase_s']} s "
+              f"(efficiency {x['shard_phase_efficiency']}), tail {x['tail_s']} s")
+    print(f"rss: {r['small']['images']} images -> peak {r['small']['peak_rss_mb']} MB, "
+          f"{r['large']['images']} images -> peak {r['large']['peak_rss_mb']} MB")
+    print(f"wall seconds per step: {results['phase_s']}")
+    sections = [w["one"], w["two"], r["small"], r["large"], results["decode_vs_chain"]]
+    others = sum(x["other_cpu_s"] for x in sections)
+    print(f"CPU seconds taken by processes outside the benchmark while it measured: {others:.1f}"
+          + ("  <- the machine was shared: figures are pessimistic" if others > 5 else ""))
+
+
+def merge_results(update: dict[str, Any], path: Path = RESULTS) -> None:
+    """Merge into the existing file: other benchmarks' keys (and their targets) stay."""
+    current: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            current = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            print(f"warning: {path} was not valid JSON; starting it afresh", file=sys.stderr)
+    for key in ("targets", "passed"):
+        update[key] = {**current.get(key, {}), **update[key]}
+    current.update(update)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cores": psutil.cpu_count(logical=False) or os.cpu_count(),
+        "logical_cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+@contextmanager
+def phase(phases: dict[str, float], name: str, what: str) -> Iterator[None]:
+    """Announce a step and keep its wall time: a run over its time budget shows which step ate it."""
+    print(f"{name}: {what}", flush=True)
+    started = time.perf_counter()
+    yield
+    phases[name] = round(time.perf_counter() - started, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument("--per-tar", type=int, help="samples per tar (default 500, quick 50)")
+    parser.add_argument("--speedup-tars", type=int, help="tars for the 1 vs 2 workers runs (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="corpus seed")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init; make sets it too
+    plan = PLANS["quick" if args.quick else "full"]
+    overrides = {"per_tar": args.per_tar, "speedup_tars": args.speedup_tars}
+    plan = Plan(**{**asdict(plan), **{k: v for k, v in overrides.items() if v}})
+    started = time.perf_counter()
+    info = machine()
+
+    spec = CorpusSpec(samples=plan.large_samples, per_tar=plan.per_tar, seed=args.seed)
+    phases: dict[str, float] = {}  # wall seconds per step, to see where a slow run went
+    with phase(phases, "corpus", f"{spec.samples} samples in {spec.tars} tars under {BENCH_OUT}"):
+        corpus = build_corpus(BENCH_OUT, spec)
+    shards = discover(corpus, bench_config(1).source)
+    # Ray runs first, while this process is small, so its own RSS is the same in both memory runs.
+    with phase(phases, "rss", "small and 10x corpus, 2 workers"):
+        rss = measure_rss(corpus, shards, plan)
+    with phase(phases, "workers", f"1 vs 2 workers on {plan.speedup_tars} tars"):
+        workers = measure_workers(corpus, shards, plan)
+    with phase(phases, "decode_vs_chain", f"{plan.compare_images} images, one process"):
+        compare = measure_decode_vs_chain(shards, plan)
+
+    info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results: dict[str, Any] = {
+        "mode": plan.mode,
+        "machine": info,
+        "decode_images_per_s": compare["decode_images_per_s"],
+        "chain_images_per_s": compare["chain_images_per_s"],
+        "chain_cost_vs_decode": compare["chain_cost_vs_decode"],
+        "workers_speedup": workers["workers_speedup"],
+        "rss_growth": rss["rss_growth"],
+        "rss_peak_small_mb": rss["small"]["peak_rss_mb"],
+        "rss_peak_large_mb": rss["large"]["peak_rss_mb"],
+        "decode_vs_chain": compare,
+        "workers_runs": workers,
+        "rss_runs": rss,
+        "corpus": {**asdict(spec), "path": str(corpus.relative_to(REPO)), "signals": list(SIGNALS)},
+        "phase_s": phases,
+        "targets": {name: {"op": op, "value": value} for name, (op, value) in TARGETS.items()},
+    }
+    results["passed"] = {name: passed(name, results[name]) for name in TARGETS}
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    print_table(results)
+    merge_results(results)
+    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
