@@ -1,6 +1,8 @@
-"""``python -m bench.run [--quick]``: issue 2's speed, scaling and memory figures, in one run.
+"""``python -m bench.run [--quick] [--only all|curate|models]``: speed, scaling, memory, model signals.
 
-Four figures, each measured on the same synthetic corpus (see bench/corpus.py):
+``--only curate`` is issue 2's four figures below; ``--only models`` is issue 3's, per model signal
+and the whole chain against a naive unfused loop (see bench/models.py). Both use the same
+synthetic corpus (see bench/corpus.py):
 
 - ``decode_images_per_s``: a bare full-size decode (open, load, RGB) of every image, one process.
   It is the floor any pipeline that looks at pixels pays, so the chain is judged against it.
@@ -35,6 +37,7 @@ import psutil
 import pyarrow as pa
 from PIL import Image
 
+from bench import models
 from bench.corpus import REPO, CorpusSpec, build_corpus
 from bench.memory import TreeSampler
 from schemas.config import CurateConfig
@@ -52,6 +55,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "chain_cost_vs_decode": ("<=", 1.5),
     "workers_speedup": (">=", 1.7),
     "rss_growth": ("<=", 1.2),
+    **models.TARGETS,
 }
 
 
@@ -65,6 +69,7 @@ class Plan:
     per_tar: int
     speedup_tars: int  # >= 8, so two workers both stay busy to the end
     compare_images: int  # images for the decode vs chain comparison
+    model_images: int  # images for the model signals vs the naive loop (~2 s each naive)
     repeats: int = 2  # decode and chain passes, interleaved; the best of each is reported
 
     @property
@@ -73,9 +78,9 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan("full", small_samples=2_000, per_tar=500, speedup_tars=8, compare_images=1_000),
+    "full": Plan("full", small_samples=2_000, per_tar=500, speedup_tars=8, compare_images=1_000, model_images=40),
     # Fits in a minute on 2 cores from a cold cache: small tars keep 4 of them in the small corpus.
-    "quick": Plan("quick", small_samples=200, per_tar=50, speedup_tars=8, compare_images=200),
+    "quick": Plan("quick", small_samples=200, per_tar=50, speedup_tars=8, compare_images=200, model_images=6),
 }
 
 
@@ -253,17 +258,20 @@ def passed(name: str, value: float) -> bool:
     return value <= target if op == "<=" else value >= target
 
 
-def print_table(results: dict[str, Any]) -> None:
-    rows = [
-        ("decode_images_per_s", results["decode_images_per_s"], "", ""),
-        ("chain_images_per_s", results["chain_images_per_s"], "", ""),
-    ]
+def print_table(results: dict[str, Any], header: str) -> None:
+    figures = ("decode_images_per_s", "chain_images_per_s", "full_chain_images_per_s", "naive_images_per_s")
+    rows = [(name, results[name], "", "") for name in figures if name in results]
     for name, (op, target) in TARGETS.items():
-        rows.append((name, results[name], f"{op} {target}", "PASS" if results["passed"][name] else "FAIL"))
-    print(f"\nbench ({results['mode']}, {results['machine']['cores']} cores, {results['wall_s']} s)")
+        if name in results:
+            rows.append((name, results[name], f"{op} {target}", "PASS" if results["passed"][name] else "FAIL"))
+    print(f"\nbench ({header})")
     print(f"{'figure':<24}{'value':>12}  {'target':<10}{'result'}")
     for name, value, target, verdict in rows:
         print(f"{name:<24}{value:>12}  {target:<10}{verdict}")
+    if "models" in results:
+        models.print_section(results["models"])
+    if "workers_runs" not in results:
+        return
     w, r = results["workers_runs"], results["rss_runs"]
     print(f"\nworkers: 1 -> {w['one']['run_s']} s, 2 -> {w['two']['run_s']} s over {w['one']['images']} images "
           f"in {w['one']['tars']} tars (ray.init {w['one']['ray_init_s']} / {w['two']['ray_init_s']} s; "
@@ -321,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-tar", type=int, help="samples per tar (default 500, quick 50)")
     parser.add_argument("--speedup-tars", type=int, help="tars for the 1 vs 2 workers runs (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed")
+    parser.add_argument("--only", choices=("all", "curate", "models"), default="all",
+                        help="curate: issue 2's figures; models: issue 3's (default: both)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init; make sets it too
     plan = PLANS["quick" if args.quick else "full"]
@@ -334,6 +344,28 @@ def main(argv: list[str] | None = None) -> int:
     with phase(phases, "corpus", f"{spec.samples} samples in {spec.tars} tars under {BENCH_OUT}"):
         corpus = build_corpus(BENCH_OUT, spec)
     shards = discover(corpus, bench_config(1).source)
+    results: dict[str, Any] = {}
+    if args.only != "models":
+        results |= measure_curate(corpus, shards, plan, spec, phases)
+    if args.only != "curate":
+        with phase(phases, "models", f"{plan.model_images} images: each signal, full chain, naive loop"):
+            results |= models.measure(load_batches(shards, bench_config(1), plan.model_images), plan.mode)
+        results["models"]["machine"] = info
+    info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["targets"] = {name: {"op": op, "value": value} for name, (op, value) in TARGETS.items() if name in results}
+    results["passed"] = {name: passed(name, results[name]) for name in results["targets"]}
+    wall_s = round(time.perf_counter() - started, 1)
+    if args.only != "models":  # these describe a curate run; the models section keeps its own
+        results |= {"mode": plan.mode, "machine": info, "phase_s": phases, "wall_s": wall_s}
+    print_table(results, f"{plan.mode}, --only {args.only}, {info['cores']} cores, {wall_s} s")
+    merge_results(results)
+    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+    return 0
+
+
+def measure_curate(corpus: Path, shards: list[SourceShard], plan: Plan, spec: CorpusSpec,
+                   phases: dict[str, float]) -> dict[str, Any]:
+    """Issue 2's figures: memory and worker scaling on Ray, then decode vs chain in-process."""
     # Ray runs first, while this process is small, so its own RSS is the same in both memory runs.
     with phase(phases, "rss", "small and 10x corpus, 2 workers"):
         rss = measure_rss(corpus, shards, plan)
@@ -341,11 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         workers = measure_workers(corpus, shards, plan)
     with phase(phases, "decode_vs_chain", f"{plan.compare_images} images, one process"):
         compare = measure_decode_vs_chain(shards, plan)
-
-    info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    results: dict[str, Any] = {
-        "mode": plan.mode,
-        "machine": info,
+    return {
         "decode_images_per_s": compare["decode_images_per_s"],
         "chain_images_per_s": compare["chain_images_per_s"],
         "chain_cost_vs_decode": compare["chain_cost_vs_decode"],
@@ -357,15 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         "workers_runs": workers,
         "rss_runs": rss,
         "corpus": {**asdict(spec), "path": str(corpus.relative_to(REPO)), "signals": list(SIGNALS)},
-        "phase_s": phases,
-        "targets": {name: {"op": op, "value": value} for name, (op, value) in TARGETS.items()},
     }
-    results["passed"] = {name: passed(name, results[name]) for name in TARGETS}
-    results["wall_s"] = round(time.perf_counter() - started, 1)
-    print_table(results)
-    merge_results(results)
-    print(f"\nwrote {RESULTS.relative_to(REPO)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ rather than a rule that silently never runs over a billion rows.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class Strict(BaseModel):
@@ -136,10 +138,8 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message says which key and why."""
 
 
-def load_config(path: str | Path | None) -> CurateConfig:
-    """Read and validate a YAML config; None gives the defaults."""
-    if path is None:
-        return CurateConfig()
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping; a missing file, bad YAML or a non-mapping is a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -149,7 +149,18 @@ def load_config(path: str | Path | None) -> CurateConfig:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_yaml_model(path: str | Path, model: type[M]) -> M:
+    """Read a YAML mapping and validate it as ``model``; any problem is a ConfigError naming the file."""
+    data = read_yaml_mapping(path)
     try:
-        return CurateConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def load_config(path: str | Path | None) -> CurateConfig:
+    """Read and validate a curation YAML config; None gives the defaults."""
+    return CurateConfig() if path is None else load_yaml_model(path, CurateConfig)

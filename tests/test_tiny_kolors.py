@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]
 
 
 def test_build_save_reload_sample(tmp_path: Path) -> None:
-    start = time.perf_counter()
     build_tiny_kolors(tmp_path / "built")
     pipe = load_pipeline(tmp_path / "built")
     image = pipe("一只猫 a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64) and image.mode == "RGB"
     assert not pipe.config.force_zeros_for_empty_prompt
-    assert time.perf_counter() - start < 10
 
 
 def test_saved_layout_and_quality_schedule(tiny: tuple[Path, dict[str, Any]]) -> None:
