@@ -73,6 +73,7 @@ class BucketConfig(Strict):
 class OutputConfig(Strict):
     max_rows_per_shard: int = Field(5000, ge=1)
     max_bytes_per_shard: int = Field(512 * 2**20, ge=1024)
+    row_group_rows: int = Field(256, ge=1, description="Parquet row group size: readers fetch one group at a time")
 
 
 class RunConfig(Strict):

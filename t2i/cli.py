@@ -76,6 +76,18 @@ def _cmd_down(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.train import train_overrides
+    from trainer.config import load_train_config
+    from trainer.distributed import run_training
+
+    overrides = train_overrides(args.shards, args.stage, args.preset, args.steps, args.workers)
+    cfg = load_train_config(args.config, **overrides)
+    result = run_training(cfg, args.out)
+    print(json.dumps(result.__dict__, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i", description="Curate image-text pairs for text-to-image training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, help="override run.workers")
         p.add_argument("--no-ray", action="store_true", help="process in this process, one shard at a time")
         p.set_defaults(func=lambda a, mode=name: _cmd_run(a, mode))
+    p = sub.add_parser("train", help="train a Kolors-architecture model on curated shards; export a KolorsPipeline")
+    p.add_argument("--shards", nargs="+", help="curate/analyze output folders (or parquet files); else the config's")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, train-log.jsonl, model/ (resumes)")
+    p.add_argument("--stage", choices=("concept", "quality"), help="stage 1 (concept) or 2 (quality)")
+    p.add_argument("--config", help="YAML train config (stage defaults apply where absent)")
+    p.add_argument("--preset", choices=("tiny",), help="small random models, built offline (tests, dry runs)")
+    p.add_argument("--steps", type=int, help="optimizer steps in total")
+    p.add_argument("--workers", type=int, help="Ray Train workers (DDP); 1 trains in this process")
+    p.set_defaults(func=_cmd_train)
     p = sub.add_parser("up", help="start a local Prefect server, work pool and worker; deploy prefect.yaml")
     p.add_argument("--port", type=int, default=4200)
     p.set_defaults(func=_cmd_up)
@@ -105,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, SourceError) as exc:
+    except (ConfigError, SourceError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -48,7 +48,7 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, pools: Pools
     clear_partial(out, shard.shard_id)
     writers = {
         kind: PartWriter(out, kind, shard.shard_id, schema, cfg.output.max_rows_per_shard,
-                         cfg.output.max_bytes_per_shard)
+                         cfg.output.max_bytes_per_shard, cfg.output.row_group_rows)
         for kind, schema in (("shards", chain.kept_schema), ("rejects", chain.reject_schema))
     }
     result = ShardResult(shard.shard_id, shard.path)

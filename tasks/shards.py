@@ -27,6 +27,9 @@ import pyarrow.parquet as pq
 KINDS = ("shards", "rejects")
 
 
+ROW_GROUP_ROWS = 256
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
@@ -36,9 +39,12 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_table_atomic(path: Path, table: pa.Table) -> None:
+def write_table_atomic(path: Path, table: pa.Table, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+    """Write beside, then rename. Row groups stay small (a few hundred images): a reader that
+    needs some rows (the trainer resuming mid-epoch, DuckDB splitting work) reads one group, not
+    the whole part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows)
     os.replace(tmp, path)
 
 
@@ -74,9 +80,10 @@ def clear_partial(out: Path, shard_id: str) -> None:
 class PartWriter:
     """Collects batches of one kind for one source shard and cuts parts by rows or bytes."""
 
-    def __init__(self, out: Path, kind: str, shard_id: str, schema: pa.Schema, max_rows: int, max_bytes: int):
+    def __init__(self, out: Path, kind: str, shard_id: str, schema: pa.Schema, max_rows: int, max_bytes: int,
+                 row_group_rows: int = ROW_GROUP_ROWS):
         self.out, self.kind, self.shard_id, self.schema = out, kind, shard_id, schema
-        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.max_rows, self.max_bytes, self.row_group_rows = max_rows, max_bytes, row_group_rows
         self.tmp_dir = out / "_tmp" / shard_id
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
@@ -103,7 +110,7 @@ class PartWriter:
         name = f"{self.shard_id}.part{len(self.parts):05d}.parquet"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_batches(self.pending, schema=self.schema)
-        write_table_atomic(self.tmp_dir / f"{self.kind}-{name}", table)
+        write_table_atomic(self.tmp_dir / f"{self.kind}-{name}", table, self.row_group_rows)
         self.parts.append(name)
         self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
 

@@ -42,8 +42,9 @@ def stack(tmp_path_factory):
     os.environ.pop("T2I_STATE_DIR", None)
 
 
-def deployment_run(env: dict, *params: str, watch: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
-    args = [str(Path(sys.executable).with_name("prefect")), "deployment", "run", "curate/laion"]
+def deployment_run(env: dict, *params: str, watch: bool = True,
+                   name: str = "curate/laion") -> subprocess.CompletedProcess | subprocess.Popen:
+    args = [str(Path(sys.executable).with_name("prefect")), "deployment", "run", name]
     for p in params:
         args += ["--param", p]
     if watch:
@@ -121,3 +122,25 @@ def test_a_failing_group_is_retried_reported_and_the_rest_completes(tmp_path, st
         groups = [t for t in c.read_task_runs() if t.flow_run_id == latest.id and t.name.startswith("curate-")]
         assert sorted(t.run_count for t in groups) == [1, 1, 1, 2]  # the broken group ran twice
         assert sum(t.state.is_failed() for t in groups) == 1
+
+
+def test_train_deployment_trains_on_analyzed_shards_and_exports(tmp_path, stack):
+    """`prefect deployment run train/kolors` on `t2i analyze` output: Completed, a KolorsPipeline folder."""
+    import yaml
+
+    from trainer.export import load_pipeline
+
+    _, _, env = stack
+    write_webdataset(tmp_path / "src" / "00000.tar", photo_samples())
+    (tmp_path / "c.yaml").write_text(CHEAP)
+    cheap_no_rules = load_config(tmp_path / "c.yaml").model_copy(update={"rules": {}})
+    run(tmp_path / "src", tmp_path / "curated", cheap_no_rules, mode="analyze", use_ray=False)
+    train_cfg = {"model": {"preset": "tiny"}, "steps": 2, "checkpoint_every": 2, "sample_prompts": [],
+                 "data": {"resolution": 64, "bucketed": False, "batch_size": 2}}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train_cfg))
+    result = deployment_run(env, f"out={tmp_path / 'run'}", f'shards=["{tmp_path / "curated"}"]',
+                            f"config={tmp_path / 'train.yaml'}", name="train/kolors")
+    assert result.returncode == 0 and "Completed" in result.stdout, result.stdout[-2000:]
+    assert load_pipeline(tmp_path / "run" / "model").scheduler.config.num_train_timesteps == 1000  # stage concept
+    with client(env) as c:
+        assert "train-summary" in {a.key for a in c.read_artifacts()}

@@ -35,10 +35,14 @@ def make_source(root: Path, tars: int) -> Path:
 
 def test_parts_are_cut_by_rows_and_the_run_is_idempotent(tmp_path):
     src = make_source(tmp_path / "src", 2)
-    cfg = CurateConfig(output=OutputConfig(max_rows_per_shard=5), rules={"sharpness": Bounds(min=300)})
+    cfg = CurateConfig(output=OutputConfig(max_rows_per_shard=5, row_group_rows=2),
+                       rules={"sharpness": Bounds(min=300)})
     first = run(src, tmp_path / "out", cfg, use_ray=False)
     parts = sorted((tmp_path / "out" / "shards").glob("*.parquet"))
     assert all(pq.read_metadata(p).num_rows <= 5 for p in parts) and len(parts) >= 2
+    metas = [pq.read_metadata(p) for p in parts]
+    groups = [m.row_group(i).num_rows for m in metas for i in range(m.num_row_groups)]
+    assert max(groups) == 2 and sum(groups) == sum(m.num_rows for m in metas)  # small row groups for readers
     assert not list((tmp_path / "out").rglob("*.tmp-*"))
     before = outcome(tmp_path / "out")
     again = run(src, tmp_path / "out", cfg, use_ray=False)
