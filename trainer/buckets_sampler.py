@@ -27,7 +27,7 @@ from schemas.config import BucketConfig
 from tasks.buckets import BucketAssigner
 
 if TYPE_CHECKING:
-    from trainer.data import RowIndex
+    from trainer.row_index import RowIndex
 
 SLICE_ROWS = 16  # rows taken from one open row group before the next random pick
 

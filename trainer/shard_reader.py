@@ -1,0 +1,147 @@
+"""Rows of the shards by index position, streamed: bounded memory whatever the shards' size.
+
+A row group is read front to back in record batches of ``CHUNK_ROWS`` rows through a small read
+buffer; rows passed on the way that a later batch of this process needs are kept (up to a byte
+cap), others dropped, and at most ``max_open`` row groups are open at once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainer.captions import CaptionConfig
+from trainer.row_index import RowIndex
+
+CHUNK_ROWS = 16  # rows per record batch read from a row group
+READ_BUFFER = 1 << 20  # pyarrow streams pages through this buffer instead of loading a column chunk
+
+
+@dataclass
+class ShardRow:
+    key: str
+    image: bytes | None
+    original: str | None
+    machine: str | None
+    synthetic: bool
+
+
+class _GroupCursor:
+    """One row group read front to back in record batches of CHUNK_ROWS rows."""
+
+    def __init__(self, path: str, number: int, columns: list[str]):
+        self.file = pq.ParquetFile(path, buffer_size=READ_BUFFER)
+        present = set(self.file.schema_arrow.names)
+        self.num_rows = self.file.metadata.row_group(number).num_rows
+        self._batches = self.file.iter_batches(batch_size=CHUNK_ROWS, row_groups=[number], use_threads=False,
+                                               columns=[c for c in columns if c in present])
+        self.next_row = 0  # first row of the group not read yet
+
+    def read(self) -> pa.RecordBatch:
+        batch = next(self._batches)
+        self.next_row += batch.num_rows
+        return batch
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ShardReader:
+    """Rows by index position, for one process. Reading a row streams its row group from the
+    cursor's place (or from the start again when the row lies behind it); rows passed on the way
+    that a later batch of this process needs are kept (at most ``max_kept_bytes``), others dropped."""
+
+    def __init__(self, index: RowIndex, caption: CaptionConfig, max_open: int = 16, max_kept_bytes: int = 256 << 20):
+        self.index, self.caption = index, caption
+        machine = [caption.machine_column] if caption.machine_column else []
+        self.columns = ["key", "image", caption.original_column, *machine, caption.synthetic_column]
+        self.max_open, self.max_kept_bytes = max_open, max_kept_bytes
+        self.cursors: OrderedDict[int, _GroupCursor] = OrderedDict()
+        self.kept: dict[int, ShardRow] = {}
+        self.kept_bytes = 0
+        self.stats = {"rows_read": 0, "opens": 0, "kept_peak_bytes": 0}
+
+    def reset(self) -> None:
+        """Forget rows kept for batches of another epoch."""
+        self.kept.clear()
+        self.kept_bytes = 0
+
+    def fetch(self, positions: np.ndarray, due: np.ndarray, now: int, stride: int) -> dict[int, ShardRow]:
+        """Rows at ``positions``. ``due[p]`` is the batch position needing row p (-1: none); this
+        process is asked for positions now, now + stride, ... (the DataLoader's round robin)."""
+        for p in [p for p in self.kept if due[p] < now]:  # a batch served without them
+            self._drop(p)
+        out = {int(p): self._drop(int(p)) for p in positions if int(p) in self.kept}
+        missing = np.unique(np.array([p for p in positions if int(p) not in out], dtype=np.int64))
+        groups = self.index.group[missing]
+        for g in np.unique(groups):
+            self._scan(int(g), missing[groups == g], out, due, now, stride)
+        return out
+
+    def _scan(self, g: int, need: np.ndarray, out: dict[int, ShardRow], due: np.ndarray, now: int,
+              stride: int) -> None:
+        ix = self.index
+        lo, hi = np.searchsorted(ix.group, [g, g + 1])
+        rows = ix.row[lo:hi] - ix.group_start[g]  # rows within the group, ascending
+        cursor = self.cursors.pop(g, None)
+        if cursor is None or cursor.next_row > rows[need[0] - lo]:
+            if cursor is not None:
+                cursor.close()
+            cursor = _GroupCursor(ix.files[ix.group_file[g]], int(ix.group_number[g]), self.columns)
+            self.stats["opens"] += 1
+        wanted, last = set(need.tolist()), rows[need[-1] - lo]
+        while cursor.next_row <= last:
+            start = cursor.next_row
+            try:
+                batch = cursor.read()
+            except StopIteration:
+                raise RuntimeError(f"{ix.files[ix.group_file[g]]}: row group {ix.group_number[g]} is shorter "
+                                   "than the index says; the shards changed, build the RowIndex again") from None
+            self.stats["rows_read"] += batch.num_rows
+            i0, i1 = np.searchsorted(rows, [start, cursor.next_row])
+            for p in range(lo + i0, lo + i1):
+                d = int(due[p])
+                if p in wanted:
+                    out[p] = self._row(batch, int(rows[p - lo] - start), p)
+                elif d > now and (d - now) % stride == 0:
+                    self._keep(p, self._row(batch, int(rows[p - lo] - start), p), due)
+        if cursor.next_row < cursor.num_rows:
+            self.cursors[g] = cursor
+            while len(self.cursors) > self.max_open:
+                self.cursors.popitem(last=False)[1].close()
+        else:
+            cursor.close()
+        missing = wanted - out.keys()
+        if missing:
+            raise RuntimeError(f"rows {sorted(missing)[:5]} not found in {ix.files[ix.group_file[g]]}")
+
+    def _row(self, batch: pa.RecordBatch, i: int, position: int) -> ShardRow:
+        names = batch.schema.names
+
+        def value(column: str | None) -> Any:
+            return batch.column(column)[i].as_py() if column in names else None
+
+        key = value("key")
+        if key != self.index.key(position):
+            raise RuntimeError(f"row {position}: key {key!r} where the index has {self.index.key(position)!r}; "
+                               "the shards changed, build the RowIndex again")
+        c = self.caption
+        return ShardRow(key, value("image"), value(c.original_column), value(c.machine_column),
+                        bool(value(c.synthetic_column)))
+
+    def _keep(self, position: int, row: ShardRow, due: np.ndarray) -> None:
+        self.kept[position] = row
+        self.kept_bytes += len(row.image or b"")
+        while self.kept_bytes > self.max_kept_bytes and len(self.kept) > 1:
+            self._drop(max(self.kept, key=lambda p: due[p]))  # needed last: cheapest to read again
+        self.stats["kept_peak_bytes"] = max(self.stats["kept_peak_bytes"], self.kept_bytes)
+
+    def _drop(self, position: int) -> ShardRow:
+        row = self.kept.pop(position)
+        self.kept_bytes -= len(row.image or b"")
+        return row
