@@ -185,3 +185,16 @@ def test_ray_train_two_gloo_workers(tmp_path: Path, shards: Path, ray_runtime) -
     records = [json.loads(line) for line in (out / LOSS_LOG).read_text().splitlines()]
     assert [r["world_size"] for r in records] == [2, 2]
     load_pipeline(out / "model")
+
+
+def test_model_path_loads_a_local_kolors_folder_and_bf16_autocast_runs(tmp_path: Path, shards: Path) -> None:
+    """model.path takes a KolorsPipeline folder from disk (here the tiny one a first run saved);
+    mixed_precision bf16 runs under CPU autocast and still learns finite losses."""
+    first = tmp_path / "first"
+    train(tiny_config(shards, steps=1, sample_prompts=[]), first)
+    cfg = tiny_config(shards, steps=2, sample_prompts=[], model={"path": str(first / "model")},
+                      mixed_precision="bf16", ema_decay=None)
+    result = train(cfg, tmp_path / "from-folder")
+    assert not (tmp_path / "from-folder" / "base").exists()  # nothing was built: the folder was used
+    assert result.steps == 2 and all(loss == loss and loss < 10 for _, loss in losses(tmp_path / "from-folder"))
+    load_pipeline(tmp_path / "from-folder" / "model")
