@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 PIP_QUIET := 2>&1 | { grep -vE "^WARNING: Location .* is ignored" || true; }
+CJK_FONT := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
@@ -17,6 +19,10 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements.lock pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11)"; exit 1; }
+	@test -f $(CJK_FONT) || { echo "installing Debian's fonts-noto-cjk (Chinese OCR tests, synthetic text)"; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends fonts-noto-cjk >/dev/null || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends fonts-noto-cjk >/dev/null; } || \
+	  { echo "need $(CJK_FONT): apt-get install fonts-noto-cjk"; exit 1; }; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	set -o pipefail; $(BIN)/pip install -q -r requirements.txt -c requirements.lock $(PIP_QUIET)
 	set -o pipefail; $(BIN)/pip install -q --no-deps rapidocr==3.10.0 mediapipe==0.10.21 $(PIP_QUIET)

@@ -102,6 +102,8 @@ def test_caption_with_text() -> None:
     assert caption_with_text("a bus!", 'say "hi"') == "a bus! The image shows the text \"say 'hi'\""
     assert caption_with_text(None, "OPEN") == 'The image shows the text "OPEN"'
     assert caption_with_text("a bus", "") == "a bus"
+    assert caption_with_text("一张海报", "新年快乐") == "一张海报。图中文字：“新年快乐”"
+    assert caption_with_text("春节的街道！", "福") == "春节的街道！图中文字：“福”"
     assert caption_with_text(None, "") is None
 
 
@@ -110,3 +112,28 @@ def test_union_area_counts_overlaps_once() -> None:
     assert union_area_ratio([square, square], 100, 100) == pytest.approx(0.25)
     assert union_area_ratio([square, square + 50], 100, 100) == pytest.approx(0.5)
     assert union_area_ratio([], 100, 100) == 0.0
+
+
+CJK_FONT = Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc")  # Debian fonts-noto-cjk (make setup)
+
+
+def test_reads_chinese_and_english_text_rendered_with_a_real_font() -> None:
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    assert CJK_FONT.is_file(), f"{CJK_FONT} missing: `make setup` installs fonts-noto-cjk"
+    font = ImageFont.truetype(str(CJK_FONT), 72)
+    img = Image.new("RGB", (1000, 500), (235, 230, 220))
+    draw = ImageDraw.Draw(img)
+    draw.text((60, 80), "新年快乐", font=font, fill=(180, 20, 20))
+    draw.text((60, 260), "欢迎光临 Welcome", font=font, fill=(20, 20, 20))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92)
+    signal = Ocr(OcrParams())
+    signal.setup()
+    row = signal.compute_batch([Sample("poster", "一张海报", ImageSample(
+        buf.getvalue(), max_pixels=10**8, max_file_bytes=10**8, decode_side=signal.pixel_side()))])[0]
+    assert row["ocr_boxes"] == 2 and 0.05 < row["ocr_area_ratio"] < 0.4
+    assert "新年快乐" in row["ocr_text"] and "欢迎光临" in row["ocr_text"] and "Welcome" in row["ocr_text"]
+    assert row["caption_ocr"].startswith("一张海报。图中文字：“") and "新年快乐" in row["caption_ocr"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,11 +74,19 @@ def union_area_ratio(boxes: list[np.ndarray], height: int, width: int) -> float:
     return min(float(mask.mean()), 1.0)
 
 
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
 def caption_with_text(caption: str | None, text: str) -> str | None:
-    """``a bus. The image shows the text "TOKYO 123"``; the caption unchanged when there is no text."""
+    """``a bus. The image shows the text "TOKYO 123"``; a Chinese caption gets the Chinese form
+    ``一张海报。图中文字：“新年快乐”``, so a caption stays in one language. The caption comes back
+    unchanged when there is no text."""
     if not text:
         return caption
     head = (caption or "").strip()
+    if _CJK.search(head):
+        head += "" if head[-1] in "。！？.!?" else "。"
+        return f"{head}图中文字：“{text}”"
     if head and head[-1] not in ".!?。！？":
         head += "."
     quoted = text.replace('"', "'")
