@@ -1,8 +1,10 @@
-"""``python -m bench.run [--quick] [--only all|curate|models]``: speed, scaling, memory, model signals.
+"""``python -m bench.run [--quick] [--only all|curate|models|train]``: speed, scaling, memory, model
+signals, trainer.
 
 ``--only curate`` is issue 2's four figures below; ``--only models`` is issue 3's, per model signal
-and the whole chain against a naive unfused loop (see bench/models.py). Both use the same
-synthetic corpus (see bench/corpus.py):
+and the whole chain against a naive unfused loop (see bench/models.py); ``--only train`` is issue
+5's, the training loop's step time against a minimal diffusers loop and the data loader's
+samples/s per core (see bench/train.py). All use the same synthetic corpus (see bench/corpus.py):
 
 - ``decode_images_per_s``: a bare full-size decode (open, load, RGB) of every image, one process.
   It is the floor any pipeline that looks at pixels pays, so the chain is judged against it.
@@ -70,6 +72,9 @@ class Plan:
     speedup_tars: int  # >= 8, so two workers both stay busy to the end
     compare_images: int  # images for the decode vs chain comparison
     model_images: int  # images for the model signals vs the naive loop (~2 s each naive)
+    train_steps: int  # measured steps per loop and round, trainer vs minimal loop (~0.05 s each)
+    train_rounds: int  # rounds alternating the two loops
+    loader_batches: int  # batches of 4 per loader side (512 px: ~0.04 s each)
     repeats: int = 2  # decode and chain passes, interleaved; the best of each is reported
 
     @property
@@ -78,9 +83,12 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan("full", small_samples=2_000, per_tar=500, speedup_tars=8, compare_images=1_000, model_images=40),
+    "full": Plan("full", small_samples=2_000, per_tar=500, speedup_tars=8, compare_images=1_000, model_images=40,
+                 train_steps=30, train_rounds=3, loader_batches=40),
     # Fits in a minute on 2 cores from a cold cache: small tars keep 4 of them in the small corpus.
-    "quick": Plan("quick", small_samples=200, per_tar=50, speedup_tars=8, compare_images=200, model_images=6),
+    # model_images went 6 -> 4 to make room for the train section (~8 s, half of it importing torch).
+    "quick": Plan("quick", small_samples=200, per_tar=50, speedup_tars=8, compare_images=200, model_images=4,
+                  train_steps=6, train_rounds=2, loader_batches=4),
 }
 
 
@@ -259,17 +267,22 @@ def passed(name: str, value: float) -> bool:
 
 
 def print_table(results: dict[str, Any], header: str) -> None:
-    figures = ("decode_images_per_s", "chain_images_per_s", "full_chain_images_per_s", "naive_images_per_s")
-    rows = [(name, results[name], "", "") for name in figures if name in results]
+    figures = ("decode_images_per_s", "chain_images_per_s", "full_chain_images_per_s", "naive_images_per_s",
+               "train_step_s", "minimal_step_s", "train_step_ema_s", "loader_samples_per_s_per_core")
+    rows = [(name, results[name], "", "") for name in figures if results.get(name) is not None]
     for name, (op, target) in TARGETS.items():
         if name in results:
             rows.append((name, results[name], f"{op} {target}", "PASS" if results["passed"][name] else "FAIL"))
     print(f"\nbench ({header})")
-    print(f"{'figure':<24}{'value':>12}  {'target':<10}{'result'}")
+    print(f"{'figure':<30}{'value':>12}  {'target':<10}{'result'}")
     for name, value, target, verdict in rows:
-        print(f"{name:<24}{value:>12}  {target:<10}{verdict}")
+        print(f"{name:<30}{value:>12}  {target:<10}{verdict}")
     if "models" in results:
         models.print_section(results["models"])
+    if "train" in results:
+        from bench import train  # already imported by the run that measured it
+
+        train.print_section(results["train"])
     if "workers_runs" not in results:
         return
     w, r = results["workers_runs"], results["rss_runs"]
@@ -329,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-tar", type=int, help="samples per tar (default 500, quick 50)")
     parser.add_argument("--speedup-tars", type=int, help="tars for the 1 vs 2 workers runs (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed")
-    parser.add_argument("--only", choices=("all", "curate", "models"), default="all",
-                        help="curate: issue 2's figures; models: issue 3's (default: both)")
+    parser.add_argument("--only", choices=("all", "curate", "models", "train"), default="all",
+                        help="curate: issue 2's figures; models: issue 3's; train: issue 5's (default: all)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init; make sets it too
     plan = PLANS["quick" if args.quick else "full"]
@@ -345,17 +358,28 @@ def main(argv: list[str] | None = None) -> int:
         corpus = build_corpus(BENCH_OUT, spec)
     shards = discover(corpus, bench_config(1).source)
     results: dict[str, Any] = {}
-    if args.only != "models":
+    if args.only in ("all", "curate"):
         results |= measure_curate(corpus, shards, plan, spec, phases)
-    if args.only != "curate":
+    if args.only in ("all", "models"):
         with phase(phases, "models", f"{plan.model_images} images: each signal, full chain, naive loop"):
             results |= models.measure(load_batches(shards, bench_config(1), plan.model_images), plan.mode)
         results["models"]["machine"] = info
+    if args.only in ("all", "train"):
+        with phase(phases, "train", f"{plan.train_rounds} x {plan.train_steps} steps per loop, loader "
+                                    f"{plan.loader_batches} batches per side"):
+            # Imported here, last: torch and diffusers take ~4 s and ~750 MB, which the curate
+            # figures' driver RSS must not carry.
+            from bench import train
+
+            TARGETS.update(train.TARGETS)
+            results |= train.measure(corpus, shards[:1], plan.mode, plan.train_steps, plan.train_rounds,
+                                     plan.loader_batches)
+        results["train"]["machine"] = info
     info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = {name: {"op": op, "value": value} for name, (op, value) in TARGETS.items() if name in results}
     results["passed"] = {name: passed(name, results[name]) for name in results["targets"]}
     wall_s = round(time.perf_counter() - started, 1)
-    if args.only != "models":  # these describe a curate run; the models section keeps its own
+    if args.only in ("all", "curate"):  # these describe a curate run; the other sections keep their own
         results |= {"mode": plan.mode, "machine": info, "phase_s": phases, "wall_s": wall_s}
     print_table(results, f"{plan.mode}, --only {args.only}, {info['cores']} cores, {wall_s} s")
     merge_results(results)
