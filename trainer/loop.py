@@ -157,12 +157,15 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     amp = autocast_dtype(cfg, device)
     torch.manual_seed(cfg.seed)
 
+    # On CUDA the frozen text encoder runs (and is exported) in the autocast dtype: ChatGLM3-6B is
+    # 24 GB in fp32. The VAE stays fp32 (SDXL's overflows in fp16); on CPU everything stays fp32.
+    frozen_dtype = amp if amp is not None and device.type == "cuda" else torch.float32
     if rank == 0:  # the tiny preset is built once, by rank 0, before the others load it
-        parts = load_components(cfg.model, cfg.stage, out, cfg.seed)
+        parts = load_components(cfg.model, cfg.stage, out, cfg.seed, frozen_dtype)
     if world > 1:
         dist.barrier()
     if rank != 0:
-        parts = load_components(cfg.model, cfg.stage, out, cfg.seed)
+        parts = load_components(cfg.model, cfg.stage, out, cfg.seed, frozen_dtype)
     unet, scheduler = parts["unet"].to(device), parts["scheduler"]
     parts["vae"].to(device)
     parts["text_encoder"].to(device)

@@ -55,7 +55,7 @@ def load_text_encoder(
 
     ``path`` is a KolorsPipeline folder (e.g. Kwai-Kolors/Kolors-diffusers downloaded beforehand, with
     ``text_encoder/`` and ``tokenizer/``) or one folder holding both. By default diffusers' own ChatGLMModel and
-    ChatGLMTokenizer classes are used, so no code from the folder runs; ``trust_remote_code=True`` opts in to the
+    ChatGLMTokenizer classes are used, so no code from the folder runs; setting ``trust_remote_code`` opts in to the
     folder's ``modeling_chatglm.py`` through transformers' Auto classes instead (only for folders you trust).
     Raises FileNotFoundError naming the path when it is missing.
     """
