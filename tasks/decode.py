@@ -21,7 +21,7 @@ warnings.simplefilter("error", Image.DecompressionBombWarning)
 Image.LOAD_TRUNCATED_IMAGES = False
 
 _ORIENTATION_TAG = 0x0112
-_SWAPS_AXES = {5, 6, 7, 8}
+SWAPS_AXES = {5, 6, 7, 8}
 
 
 class DecodeError(Exception):
@@ -44,7 +44,7 @@ class Header:
     frames: int
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
@@ -111,7 +111,7 @@ class ImageSample:
         except Exception:
             orientation = 1
         w, h = img.size
-        if orientation in _SWAPS_AXES:
+        if orientation in SWAPS_AXES:
             w, h = h, w
         if w * h > self._max_pixels:
             raise DecodeError("decompression_bomb", f"{w}x{h} = {w * h} pixels > max_pixels {self._max_pixels}")
@@ -141,7 +141,7 @@ class ImageSample:
             if self.header.orientation != 1:  # exif_transpose copies the image even when upright
                 img = ImageOps.exif_transpose(img)
             if self._color or img.mode != "L":
-                img = _to_rgb(img)
+                img = to_rgb(img)
                 img = img if self._color else img.convert("L")
         except DecodeError:
             raise

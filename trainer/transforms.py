@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from schemas.config import DecodeConfig
-from tasks.decode import _SWAPS_AXES, DecodeError, ImageSample, _to_rgb
+from tasks.decode import SWAPS_AXES, DecodeError, ImageSample, to_rgb
 
 DEFAULT_LIMITS = DecodeConfig()
 
@@ -51,13 +51,13 @@ def decode_upright(data: bytes | None, bucket: tuple[int, int] | None = None,
         img = Image.open(io.BytesIO(data))  # type: ignore[arg-type]  # ImageSample rejected None
         if bucket is not None and img.format == "JPEG":
             need = cover_size(header.width, header.height, bucket)
-            stored = need[::-1] if header.orientation in _SWAPS_AXES else need
+            stored = need[::-1] if header.orientation in SWAPS_AXES else need
             img.draft("RGB", stored)
         img.seek(0)  # animated: first frame
         img.load()
         if header.orientation != 1:
             img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
+        img = to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError("decompression_bomb", str(exc)) from exc
     except Exception as exc:  # Pillow raises many types for bad input
