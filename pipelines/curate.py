@@ -22,7 +22,7 @@ from prefect.states import Completed, Failed, State
 
 from schemas.config import load_config
 from tasks.dedupe import dedupe_keys
-from tasks.runner import RunSummary, run
+from tasks.runner import RunSummary, guard_run_config, run
 from tasks.sources import SourceShard, discover
 from tasks.stats import compute_stats, format_markdown
 
@@ -90,6 +90,7 @@ def curate(source: str, out: str, config: str | None = None, mode: str = "curate
     logger = get_run_logger()
     cfg = load_config(config)  # a bad config fails here, before any work
     shards = discover(source, cfg.source)
+    guard_run_config(Path(out), mode, cfg, source)  # and so does resuming `out` with another config
     from tasks.shards import Manifest
 
     done_before = len({s.shard_id for s in shards} & Manifest(Path(out)).done_ids())

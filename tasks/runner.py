@@ -76,17 +76,35 @@ def ensure_ray(run: RunConfig, extra_cpus: float = 0.0) -> None:
                  runtime_env=env, log_to_driver=False)
 
 
-def _guard_run_config(out: Path, mode: str, cfg: CurateConfig, source: str) -> None:
-    """Resuming with another config would mix two curations in one folder: refuse."""
+# Settings that change where and how the work runs, not which rows are kept: free to change on resume.
+_RESUMABLE_SECTIONS = ("run", "output")
+
+
+def _what_decides(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config as the current code reads it (defaults added since the run started filled in),
+    without the sections a resume may change."""
+    data = {k: v for k, v in cfg.items() if k not in _RESUMABLE_SECTIONS}
+    return {k: v for k, v in CurateConfig.model_validate(data).model_dump(mode="json").items()
+            if k not in _RESUMABLE_SECTIONS}
+
+
+def guard_run_config(out: Path, mode: str, cfg: CurateConfig, source: str) -> None:
+    """Resuming with another config would mix two curations in one folder: refuse, naming what differs."""
     stamp = out / "_run.json"
     current = {"mode": mode, "source": str(Path(source).resolve()), "config": cfg.model_dump(mode="json")}
-    current["config"].pop("run", None)  # worker count and address may change between attempts
     if stamp.exists():
         before = json.loads(stamp.read_text())
-        if before != current:
+        try:
+            before_cfg = _what_decides(before.get("config", {}))
+        except ValueError:  # a key this code no longer knows
+            before_cfg = before.get("config", {})
+        now_cfg = _what_decides(current["config"])
+        differ = sorted(k for k in before_cfg.keys() | now_cfg.keys() if before_cfg.get(k) != now_cfg.get(k))
+        differ += [k for k in ("mode", "source") if before.get(k) != current[k]]
+        if differ:
             raise RunConfigMismatch(
-                f"{out} holds a {before.get('mode')} run of {before.get('source')} with another config; "
-                "use a new --out, or remove the folder to start over"
+                f"{out} holds a {before.get('mode')} run of {before.get('source')} that differs in "
+                f"{', '.join(differ)}; use a new --out, or remove the folder to start over"
             )
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +150,7 @@ def run(
     out = Path(out)
     skip = plan_signals(cfg)
     shards = shards if shards is not None else discover(source, cfg.source)
-    _guard_run_config(out, mode, cfg, str(source))
+    guard_run_config(out, mode, cfg, str(source))
     done = Manifest(out).done_ids()
     todo = [s for s in shards if s.shard_id not in done]
     summary = RunSummary(mode, str(source), str(out), len(shards), len(shards) - len(todo))

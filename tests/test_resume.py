@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
+import yaml
 from conftest import photo_samples, write_webdataset
 
 from schemas.config import Bounds, CurateConfig, OutputConfig
 from tasks.dedupe import dedupe_keys
 from tasks.runner import run
 from tasks.shards import Manifest
+from tasks.sources import discover
 
 CONFIG = "signals: {resolution: {}, caption: {}, sharpness: {}, phash: {}}\nrules: {sharpness: {min: 300}}\n"
 
@@ -94,7 +97,22 @@ def test_another_config_on_the_same_output_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "t2i.cli", "curate", "--source", str(src), "--out",
                              str(tmp_path / "out"), "--config", str(_write(tmp_path, CONFIG)), "--no-ray"],
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "another config" in result.stderr
+    assert result.returncode == 2 and "differs in rules, signals" in result.stderr
+
+
+def test_resume_accepts_new_defaults_and_other_output_or_run_settings(tmp_path):
+    """A run stamped by older code (a setting added since, with its default) or resumed with other
+    part sizes or worker counts is the same curation: it resumes instead of being refused."""
+    src = make_source(tmp_path / "src", 2)
+    cfg = CurateConfig.model_validate(yaml.safe_load(CONFIG))
+    first = run(src, tmp_path / "out", cfg, use_ray=False, shards=discover(src, cfg.source)[:1])
+    stamp = tmp_path / "out" / "_run.json"
+    old = json.loads(stamp.read_text())
+    del old["config"]["output"]["row_group_rows"], old["config"]["decode"]["max_file_bytes"]  # "older code"
+    stamp.write_text(json.dumps(old))
+    other = cfg.model_copy(update={"output": OutputConfig(max_rows_per_shard=3)})
+    second = run(src, tmp_path / "out", other, use_ray=False)
+    assert (first.shards_done, second.shards_skipped, second.shards_done) == (1, 1, 1)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
