@@ -8,9 +8,9 @@ the DataLoader hands its batches to workers in turn and returns them in order.
 Order is shuffled in two levels so that reading stays sequential inside row groups (curated parts
 have 256-row groups; other Parquet files may have much larger ones): row groups are visited in a
 seeded random order, ``interleave`` of them open at once, slices of rows taken from a random open
-one, each row group front to back; then rows are shuffled inside windows of ``shuffle_rows``. Rows
-go to their bucket and a batch is emitted when its bucket fills, so the rows a reader has read ahead but not yet used stay about
-``shuffle_rows`` + buckets x (batch_size - 1).
+one, each row group front to back; then rows are shuffled inside windows of ``shuffle_rows``.
+Rows go to their bucket and a batch is emitted when its bucket fills, so the rows a reader has
+read ahead but not yet used stay about ``shuffle_rows`` + buckets x (batch_size - 1).
 
 Ranks take contiguous blocks of the plan, so no two ranks stream the same stretch of row groups.
 """
