@@ -277,6 +277,9 @@ def print_table(results: dict[str, Any], header: str) -> None:
     print(f"{'figure':<30}{'value':>12}  {'target':<10}{'result'}")
     for name, value, target, verdict in rows:
         print(f"{name:<30}{value:>12}  {target:<10}{verdict}")
+    if "quick" in header and "workers_speedup" in results:
+        print("(quick: the 1 vs 2 workers runs take 1-3 s, so start-up weighs on workers_speedup; "
+              "its target is judged by the full `make bench`)")
     if "models" in results:
         models.print_section(results["models"])
     if "train" in results:
