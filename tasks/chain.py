@@ -90,6 +90,8 @@ class Chain:
             row.sample = Sample(row.key, row.caption, image)
         except DecodeError as exc:
             row.reject(exc.reason, exc.detail)
+        except Exception as exc:
+            row.reject("undecodable", f"{type(exc).__name__}: {exc}")
 
     def _run_signal(self, signal: Signal, rows: list[_Row]) -> None:
         live = [r for r in rows if not r.reason]

@@ -71,6 +71,21 @@ def resize_short_side(img: Image.Image, side: int) -> Image.Image:
     return img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
+# Formats web image-text data comes in (JPEG covers MPO, what many cameras write). Pillow opens
+# many more (EPS runs Ghostscript when it is installed; FITS, HDF5, GRIB are science formats):
+# bytes from the web never get to choose those.
+WEB_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "JPEG2000")
+
+
+def _frame_count(img: Image.Image) -> int:
+    """Frames of an animated image. Counting walks every frame, and a file truncated after its first
+    frame (common in web scrapes) raises there: the first frame is still a usable image, so 1."""
+    try:
+        return int(getattr(img, "n_frames", 1) or 1)
+    except Exception:
+        return 1
+
+
 class ImageSample:
     """One encoded image: its header now, its pixels on first request, once.
 
@@ -98,14 +113,21 @@ class ImageSample:
 
     def _open(self) -> Image.Image:
         try:
-            return Image.open(io.BytesIO(self._data))
+            return Image.open(io.BytesIO(self._data), formats=WEB_FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise DecodeError("decompression_bomb", str(exc)) from exc
         except Exception as exc:  # Pillow raises many types for bad input
             raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
 
     def _read_header(self) -> Header:
-        img = self._open()
+        try:
+            return self._header_of(self._open())
+        except DecodeError:
+            raise
+        except Exception as exc:  # Pillow raises many types for odd metadata; a bad file is a reject
+            raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+
+    def _header_of(self, img: Image.Image) -> Header:
         try:
             orientation = int(img.getexif().get(_ORIENTATION_TAG, 1) or 1)
         except Exception:
@@ -124,7 +146,7 @@ class ImageSample:
             mode=img.mode,
             file_bytes=len(self._data),
             orientation=orientation,
-            frames=int(getattr(img, "n_frames", 1) or 1),
+            frames=_frame_count(img),
         )
 
     def decode(self) -> Image.Image:

@@ -4,12 +4,16 @@ Shards run in parallel and cannot see each other's keys, so after they finish on
 pass (out of core, however many keys) ranks every kept key by (part file, row). The first
 occurrence stays; each later one moves to ``rejects/`` as ``duplicate_key``. Per part
 file it writes the reject rows first, then rewrites the part without them, both atomic:
-a pass killed in between recomputes the same rows next time (the first occurrences never
-move), so it is safe to run again at any point.
+a pass killed in between recomputes the same rows next time, so it is safe to run again at
+any point. A later pass can find new later occurrences in a part already cleaned (a shard whose
+files sort earlier finished in a later run): its reject file is named by a hash of the keys it
+moves, so it never overwrites the rows an earlier pass moved, while a repeat of an interrupted
+pass (same keys) rewrites its own file.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import duckdb
@@ -52,13 +56,16 @@ def dedupe_keys(out: str | Path) -> int:
     if not any((out / "shards").glob("*.parquet")):
         return 0
     moved = 0
+    (out / "rejects").mkdir(exist_ok=True)
     for filename, row_numbers in _later_occurrences(out).items():
         part = Path(filename)
         table = pq.read_table(part)
         later = set(row_numbers)
         drop = pa.array([i in later for i in range(table.num_rows)])
-        write_table_atomic(out / "rejects" / part.name.replace(".parquet", ".dupes.parquet"),
-                           _as_rejects(table.filter(drop)))
+        dupes = table.filter(drop)
+        digest = hashlib.blake2b("\n".join(sorted(dupes["key"].to_pylist())).encode(), digest_size=6).hexdigest()
+        write_table_atomic(out / "rejects" / part.name.replace(".parquet", f".dupes-{digest}.parquet"),
+                           _as_rejects(dupes))
         write_table_atomic(part, table.filter(pc.invert(drop)))
         moved += len(row_numbers)
     return moved

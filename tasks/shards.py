@@ -45,6 +45,8 @@ def write_table_atomic(path: Path, table: pa.Table, row_group_rows: int = ROW_GR
     the whole part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows)
+    with open(tmp, "rb") as fh:  # on disk before the rename (and the manifest) can say it is done
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 

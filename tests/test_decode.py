@@ -106,6 +106,25 @@ def test_animated_gif_gives_first_frame():
     assert r > 200 and b < 50
 
 
+def test_truncated_animated_gif_is_a_reject_or_its_first_frame_never_a_crash():
+    """Web scrapes hold animated GIFs cut off mid-file: Pillow then raises IndexError, zlib.error, ...
+    while counting frames. Every cut must end as a usable first frame or a DecodeError."""
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)) for _ in range(4)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    whole = buf.getvalue()
+    decoded = rejected = 0
+    for cut in range(100, len(whole), 97):
+        try:
+            s = sample(whole[:cut], side=None)
+            assert s.pixels().size == (48, 48)
+            decoded += 1
+        except DecodeError:
+            rejected += 1
+    assert decoded and rejected  # cuts after the first frame keep it; earlier cuts are rejects
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
@@ -154,3 +173,15 @@ def test_grey_decode_of_odd_modes():
     cmyk = Image.open(io.BytesIO(photo("cat.jpg"))).convert("CMYK")
     s = ImageSample(encode(cmyk, "JPEG"), max_pixels=10**8, max_file_bytes=10**8, decode_side=64, color=False)
     assert s.pixels(64).mode == "L" and np.asarray(s.pixels(64)).std() > 10
+
+
+def test_formats_outside_web_images_are_rejected():
+    """An ICO (or EPS, FITS, ...) named .jpg is not web training data; Pillow would open it."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, "ICO")
+    with pytest.raises(DecodeError) as err:
+        sample(buf.getvalue())
+    assert err.value.reason == "undecodable"
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, "WEBP")
+    assert sample(buf.getvalue()).header.format == "WEBP"

@@ -136,3 +136,27 @@ def test_duplicate_keys_across_shards_keep_the_first(tmp_path):
     assert sources == [(str(src / "a.tar"),)]
     assert dedupe_keys(tmp_path / "out") == 0  # idempotent
     assert outcome(tmp_path / "out") == (kept, rejected)
+
+
+def test_a_later_dedupe_pass_keeps_the_rows_an_earlier_pass_moved(tmp_path):
+    """Pass 1 moves ccc's k1 (bbb has it first); a shard that sorts first (aaa, with k2) finishes in a
+    later run, so pass 2 moves ccc's k2 too: both moved rows stay in rejects/, none is overwritten."""
+    import pyarrow as pa
+
+    from schemas.arrow import KEPT_BASE
+
+    def part(name: str, keys: list[str]) -> None:
+        (tmp_path / "out" / "shards").mkdir(parents=True, exist_ok=True)
+        cols = {f.name: pa.array([None] * len(keys), f.type) for f in KEPT_BASE}
+        cols |= {"key": pa.array(keys), "image": pa.array([b"x"] * len(keys)), "source": pa.array([name] * len(keys))}
+        pq.write_table(pa.table(cols, schema=pa.schema(KEPT_BASE)), tmp_path / "out" / "shards" / f"{name}.parquet")
+
+    part("bbb", ["k1"])
+    part("ccc", ["k1", "k2"])
+    assert dedupe_keys(tmp_path / "out") == 1
+    part("aaa", ["k2"])
+    assert dedupe_keys(tmp_path / "out") == 1
+    shards = duckdb.sql(f"SELECT source, key FROM '{tmp_path}/out/shards/*.parquet' ORDER BY ALL").fetchall()
+    rejects = duckdb.sql(f"SELECT source, key, reason FROM '{tmp_path}/out/rejects/*.parquet' ORDER BY ALL").fetchall()
+    assert shards == [("aaa", "k2"), ("bbb", "k1")]
+    assert rejects == [("ccc", "k1", "duplicate_key"), ("ccc", "k2", "duplicate_key")]

@@ -119,3 +119,22 @@ def test_shard_ids_are_unique_and_filename_safe(tmp_path):
     write_webdataset(tmp_path / "a_b" / "0.tar", photo_samples())
     ids = [s.shard_id for s in discover(tmp_path, SourceConfig())]
     assert len(set(ids)) == 2 and all("." not in i and "/" not in i and " " not in i for i in ids)
+
+
+def test_a_directory_named_like_a_tar_does_not_hide_a_folder_of_images(tmp_path):
+    (tmp_path / "old.tar").mkdir()
+    (tmp_path / "a.jpg").write_bytes(photo("cat.jpg"))
+    assert detect_kind(tmp_path) == "folder"
+
+
+def test_shard_ids_of_non_utf8_file_names():
+    """A Latin-1 name from an old archive decodes to surrogates; the shard id must still form."""
+    import os
+    from pathlib import Path
+
+    from tasks.sources.base import shard_id_for
+
+    root = Path("/data")
+    a = shard_id_for(root, Path(os.fsdecode(b"/data/caf\xe9.tar")))
+    b = shard_id_for(root, Path("/data/cafe.tar"))
+    assert a.startswith("caf") and a != b

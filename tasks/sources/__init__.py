@@ -30,9 +30,9 @@ def detect_kind(root: Path) -> str:
         if suffix == ".parquet":
             return "parquet"
         raise SourceError(f"{root}: a source file must be .tar or .parquet")
-    if any(root.rglob("*.tar")):
+    if any(p.is_file() for p in root.rglob("*.tar")):  # a directory named x.tar is not a tar
         return "webdataset"
-    if any(root.rglob("*.parquet")):
+    if any(p.is_file() for p in root.rglob("*.parquet")):
         return "parquet"
     if any(p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for p in root.rglob("*")):
         return "folder"

@@ -50,7 +50,8 @@ def shard_id_for(root: Path, path: Path) -> str:
     ``{id}.part*`` never matches another shard's files."""
     rel = path.relative_to(root).as_posix() if path != root else path.name
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", rel.rsplit(".", 1)[0])[-60:]
-    return f"{stem}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+    # surrogateescape: a file name that is not UTF-8 (Latin-1 from an old archive) still hashes.
+    return f"{stem}-{hashlib.sha1(rel.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
 class BatchBuilder:
