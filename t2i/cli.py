@@ -83,7 +83,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = train_overrides(args.shards, args.stage, args.preset, args.steps, args.workers)
     cfg = load_train_config(args.config, **overrides)
-    result = run_training(cfg, args.out)
+    try:
+        result = run_training(cfg, args.out)
+    except (ValueError, OSError) as exc:  # a selection with no rows, a model folder that will not load, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result.__dict__, indent=1))
     return 0
 

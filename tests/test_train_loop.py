@@ -198,3 +198,43 @@ def test_model_path_loads_a_local_kolors_folder_and_bf16_autocast_runs(tmp_path:
     assert not (tmp_path / "from-folder" / "base").exists()  # nothing was built: the folder was used
     assert result.steps == 2 and all(loss == loss and loss < 10 for _, loss in losses(tmp_path / "from-folder"))
     load_pipeline(tmp_path / "from-folder" / "model")
+
+
+def test_resume_takes_the_configs_lr_survives_a_torn_log_line_and_refuses_another_stage(tmp_path: Path,
+                                                                                        shards: Path) -> None:
+    out = tmp_path / "run"
+    train(tiny_config(shards, steps=2, sample_prompts=[], ema_decay=None), out)
+    with (out / LOSS_LOG).open("a") as f:
+        f.write('{"step": 3, "lo')  # a kill in the middle of an append
+    result = train(tiny_config(shards, steps=3, sample_prompts=[], ema_decay=None, optim={"lr": 1e-5}), out)
+    assert result.resumed_from == 2
+    records = [json.loads(line) for line in (out / LOSS_LOG).read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["lr"] for r in records] == [1e-3, 1e-3, 1e-5]  # lowering lr on resume takes effect
+    with pytest.raises(ValueError, match="stage 'concept'"):
+        train(tiny_config(shards, steps=4, sample_prompts=[], ema_decay=None, stage="quality"), out)
+
+
+def test_fp16_variant_folder_loads(tmp_path: Path, shards: Path) -> None:
+    """Kwai-Kolors/Kolors-diffusers ships only *.fp16.safetensors: model.variant reads such a folder."""
+    first = tmp_path / "first"
+    train(tiny_config(shards, steps=1, sample_prompts=[], ema_decay=None), first)
+    variant_dir = tmp_path / "kolors-fp16"
+    load_pipeline(first / "model").save_pretrained(variant_dir, variant="fp16")
+    assert list((variant_dir / "unet").glob("*.fp16.safetensors"))
+    with pytest.raises(OSError):
+        train(tiny_config(shards, steps=1, sample_prompts=[], model={"path": str(variant_dir)}), tmp_path / "a")
+    cfg = tiny_config(shards, steps=1, sample_prompts=[], model={"path": str(variant_dir), "variant": "fp16"})
+    assert train(cfg, tmp_path / "b").steps == 1
+
+
+def test_config_objects_and_preset_overrides(tmp_path: Path) -> None:
+    from trainer.config import TrainConfig
+    from trainer.data import DataConfig
+
+    built = TrainConfig(stage="quality", model={"path": "/m"}, data=DataConfig(batch_size=8))
+    assert (built.data.resolution, built.data.min_short_side, built.data.batch_size) == (1024, 1024, 8)
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump({"stage": "quality", "model": {"path": "/models/kolors"}}))
+    dry = load_train_config(path, model={"preset": "tiny"})
+    assert dry.model.preset == "tiny" and dry.model.path is None and dry.data.resolution == 128

@@ -81,7 +81,9 @@ def latest_checkpoint(out: Path) -> Checkpoint | None:
 
 def load_checkpoint(ckpt: Checkpoint, unet: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     ema: torch.nn.Module | None = None, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
-    """Restore the weights and optimizer state in place; return ``state.json``."""
+    """Restore the weights and optimizer state in place; return ``state.json``. Tensors load on the CPU
+    first (every DDP rank would otherwise put its copy on the GPU it was saved from) and the optimizer
+    moves them to its parameters' device."""
     unet.load_state_dict(load_file(ckpt.path / "unet.safetensors"))
     if ema is not None:
         ema_file = ckpt.path / "ema.safetensors"
@@ -89,7 +91,7 @@ def load_checkpoint(ckpt: Checkpoint, unet: torch.nn.Module, optimizer: torch.op
             raise FileNotFoundError(f"{ckpt.path} has no EMA weights, but ema_decay is set: resume with the "
                                     "config the run started with")
         ema.load_state_dict(load_file(ema_file))
-    optimizer.load_state_dict(torch.load(ckpt.path / "optimizer.pt", weights_only=True))
+    optimizer.load_state_dict(torch.load(ckpt.path / "optimizer.pt", weights_only=True, map_location="cpu"))
     if scaler is not None and (ckpt.path / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(ckpt.path / "scaler.pt", weights_only=True))
+        scaler.load_state_dict(torch.load(ckpt.path / "scaler.pt", weights_only=True, map_location="cpu"))
     return ckpt.state

@@ -44,6 +44,9 @@ class ModelConfig(Strict):
     # (its config from trainer.tiny.kolors_unet_config) beside the pretrained VAE and text encoder.
     unet_init: Literal["pretrained", "random"] = "pretrained"
     trust_remote_code: bool = False  # load text_encoder/ with the folder's own code (trusted folders only)
+    # Weight files' variant: Kwai-Kolors/Kolors-diffusers ships only *.fp16.safetensors, so "fp16" there.
+    # Weights are upcast to fp32 on load either way.
+    variant: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -99,6 +102,8 @@ class TrainConfig(Strict):
         if "model" not in raw:
             tiny = True
         data = raw.get("data") or {}
+        if isinstance(data, DataConfig):  # built in Python: only what was set counts as set
+            data = data.model_dump(exclude_unset=True)
         if not isinstance(data, dict):
             return raw
         defaults = {**STAGE_DATA_DEFAULTS.get(stage, {}), **(TINY_DATA_DEFAULTS if tiny else {})}
@@ -110,6 +115,8 @@ def load_train_config(path: str | Path | None = None, **overrides: Any) -> Train
     (``{"stage": "quality", "model": {"preset": "tiny"}, "data": {"shards": [...]}}``) before the
     stage defaults, so a flag counts as if written in the file."""
     base = read_yaml_mapping(path) if path is not None else {}
+    if overrides.get("model"):  # --preset tiny replaces the file's model (dry runs of a real config)
+        base = {k: v for k, v in base.items() if k != "model"}
     merged = _deep_merge(base, overrides)
     try:
         return TrainConfig.model_validate(merged)

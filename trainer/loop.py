@@ -124,8 +124,16 @@ def encode_batch(batch: dict[str, Any], parts: dict[str, Any], device: torch.dev
     pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
     latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
     embeds, pooled = encode_prompts(parts["text_encoder"], parts["tokenizer"], batch["prompts"], device=device)
-    time_ids = batch["time_ids"].to(device, dtype=embeds.dtype)
-    return latents.float(), Conditioning(embeds.float(), pooled.float(), time_ids.float())
+    time_ids = batch["time_ids"].to(device, dtype=torch.float32)  # sizes up to 16M are exact in fp32
+    return latents.float(), Conditioning(embeds.float(), pooled.float(), time_ids)
+
+
+def _step_of(line: str) -> float:
+    """The step of a log line; a line torn by a kill (only ever the last) counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class LossLog:
@@ -135,7 +143,7 @@ class LossLog:
     def __init__(self, path: Path, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
         if enabled and path.is_file():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            kept = [ln for ln in path.read_text().splitlines() if _step_of(ln) <= resume_step]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
             tmp.replace(path)
@@ -157,19 +165,18 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     amp = autocast_dtype(cfg, device)
     torch.manual_seed(cfg.seed)
 
-    # On CUDA the frozen text encoder runs (and is exported) in the autocast dtype: ChatGLM3-6B is
-    # 24 GB in fp32. The VAE stays fp32 (SDXL's overflows in fp16); on CPU everything stays fp32.
-    frozen_dtype = amp if amp is not None and device.type == "cuda" else torch.float32
+    # Every part stays fp32 (autocast runs the UNet in bf16/fp16): one dtype for sampling and for the
+    # export, which then loads and samples without torch_dtype. ChatGLM3-6B takes 24 GB so.
     if rank == 0:  # the tiny preset is built once, by rank 0, before the others load it
-        parts = load_components(cfg.model, cfg.stage, out, cfg.seed, frozen_dtype)
+        parts = load_components(cfg.model, cfg.stage, out, cfg.seed)
     if world > 1:
         dist.barrier()
     if rank != 0:
-        parts = load_components(cfg.model, cfg.stage, out, cfg.seed, frozen_dtype)
+        parts = load_components(cfg.model, cfg.stage, out, cfg.seed)
     unet, scheduler = parts["unet"].to(device), parts["scheduler"]
     parts["vae"].to(device)
     parts["text_encoder"].to(device)
-    ema = Ema(unet, cfg.ema_decay) if cfg.ema_decay else None
+    ema = Ema(unet, cfg.ema_decay) if cfg.ema_decay and rank == 0 else None  # only rank 0 saves/exports it
     o = cfg.optim
     optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -183,6 +190,11 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         state = load_checkpoint(ckpt, unet, optimizer, ema, scaler)
+        if state.get("stage", cfg.stage) != cfg.stage:
+            raise ValueError(f"{ckpt.path} was trained as stage {state['stage']!r}, the config says {cfg.stage!r}: "
+                             "a stage continues in its own folder (start the next stage from the exported model)")
+        for group in optimizer.param_groups:  # the config's hyperparameters, not the checkpoint's
+            group.update(lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
         sampler.load_state_dict(state["sampler"])
         step = resumed_from = state["step"]
         log.info("resumed from %s", ckpt.path)
@@ -226,7 +238,8 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 loss_log.write({"step": step, "loss": last_loss, "epoch": int(batch["epoch"]),
-                                "seconds": round(now - tick, 4), "lr": o.lr, "world_size": world})
+                                "seconds": round(now - tick, 4), "lr": optimizer.param_groups[0]["lr"],
+                                "world_size": world})
                 tick = now
             if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 _checkpoint(cfg, out, step, unet, optimizer, sampler, ema, scaler, parts)

@@ -56,10 +56,14 @@ def _from_folder(path: Path, cfg: ModelConfig, frozen_dtype: torch.dtype) -> dic
     if missing:
         raise FileNotFoundError(f"model.path {path} lacks {', '.join(missing)}: download the KolorsPipeline "
                                 "folder (e.g. Kwai-Kolors/Kolors-diffusers) there beforehand")
-    text_encoder, tokenizer = load_text_encoder(path, dtype=frozen_dtype, trust_remote_code=cfg.trust_remote_code)
-    vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)  # fp32: SDXL's VAE overflows in fp16
+    text_encoder, tokenizer = load_text_encoder(path, dtype=frozen_dtype, trust_remote_code=cfg.trust_remote_code,
+                                                variant=cfg.variant)
+    # fp32: SDXL's VAE overflows in fp16
+    vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, variant=cfg.variant,
+                                        torch_dtype=torch.float32)
     if cfg.unet_init == "pretrained":
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, variant=cfg.variant,
+                                                    torch_dtype=torch.float32)
     else:
         hidden = text_encoder.config.hidden_size
         unet = UNet2DConditionModel.from_config(kolors_unet_config(hidden))

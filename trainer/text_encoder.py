@@ -50,6 +50,7 @@ def load_text_encoder(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    variant: str | None = None,
 ) -> tuple[ChatGLMModel, ChatGLMTokenizer]:
     """Load ``(text_encoder, tokenizer)`` from a local folder, offline, frozen and in eval mode.
 
@@ -69,11 +70,11 @@ def load_text_encoder(
     if trust_remote_code:
         from transformers import AutoModel, AutoTokenizer
 
-        model = AutoModel.from_pretrained(te_dir, dtype=dtype, local_files_only=True,
+        model = AutoModel.from_pretrained(te_dir, dtype=dtype, local_files_only=True, variant=variant,
                                           trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     else:
-        model = ChatGLMModel.from_pretrained(te_dir, dtype=dtype, local_files_only=True)
+        model = ChatGLMModel.from_pretrained(te_dir, dtype=dtype, local_files_only=True, variant=variant)
         tokenizer = ChatGLMTokenizer.from_pretrained(tok_dir, local_files_only=True)
     model.requires_grad_(False)
     return model.eval(), tokenizer
