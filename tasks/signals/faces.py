@@ -12,6 +12,13 @@ one misses. The short-range model also scores animal faces and clouds at 0.5-0.6
 scored 0.84-0.97 on the test photos), hence its higher threshold. Overlapping boxes from the two
 models are one face. mediapipe 0.10.21 ignores ``min_detection_confidence`` (its graphs keep a
 fixed 0.5), so the thresholds are applied here and cannot go below 0.5.
+
+Both detectors letterbox the whole frame into their 128/192 px input, so the pixels beyond that
+only feed the resize. The image handed to them is capped at ``MAX_SIDE`` on its long side:
+OpenCV inside mediapipe asserts every side is below 32767 (SHRT_MAX) and, failing on a C++
+thread, aborts the whole process (a 40000x400 banner killed the actor, then the pool). The
+ratio of the largest face is relative, so it survives the scaling; tiny images (1x1, 3x3000)
+simply hold no face (0, 0.0).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
@@ -28,6 +36,19 @@ from tasks.signals.base import ModelParams, ModelSignal, Sample
 
 _MODELS = {"short": "face_detection_short_range.tflite", "full": "face_detection_full_range_sparse.tflite"}
 _SELECTION = {"short": 0, "full": 1}  # mediapipe's model_selection
+# 8x under SHRT_MAX; at the default 384 px short side it leaves every image up to 10.7:1 as it
+# was, and beyond that a face is < 192 * 384 / 4096 = 18 px in the detector's input anyway.
+MAX_SIDE = 4096
+
+
+def fit_long_side(rgb: np.ndarray, limit: int = MAX_SIDE) -> np.ndarray:
+    """``rgb`` scaled down so its long side is at most ``limit`` (no side below 1 px)."""
+    h, w = rgb.shape[:2]
+    if max(h, w) <= limit:
+        return rgb
+    scale = limit / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
 class FacesParams(ModelParams):
@@ -84,7 +105,8 @@ class Faces(ModelSignal):
         return f"faces: BlazeFace model(s) missing from the mediapipe wheel: {', '.join(missing)}" if missing else None
 
     def prepare(self, sample: Sample) -> np.ndarray:
-        return np.ascontiguousarray(np.asarray(sample.image.pixels(self.params.side), dtype=np.uint8))
+        """Capped here too, so a banner is not shipped to the actor at 44 MB."""
+        return np.ascontiguousarray(fit_long_side(np.asarray(sample.image.pixels(self.params.side), np.uint8)))
 
     def setup(self) -> None:
         problem = self.unavailable()
@@ -100,6 +122,7 @@ class Faces(ModelSignal):
     def detect(self, rgb: np.ndarray) -> list[tuple[float, ...]]:
         """Face boxes as (x0, y0, x1, y1, score), relative to the image and clipped to it."""
         boxes = []
+        rgb = np.ascontiguousarray(fit_long_side(rgb))  # a no-op after prepare; infer may be fed directly
         for detector, threshold in self._detectors:
             for det in detector.process(rgb).detections or []:
                 if det.score[0] < threshold:

@@ -13,6 +13,11 @@ image. A box that is recognised must read as text (``min_text_score``) to count;
 
 ``ocr_area_ratio`` is the *union* of the kept boxes over the image area (rasterised, so overlaps
 count once; DB's boxes are expanded quadrilaterals, a little larger than the glyphs).
+Extreme shapes: the image is capped at ``MAX_SIDE`` on its long side, since OpenCV's warps (the
+recognition crops) assert every side is below 32767; a box longer than ``MAX_LINE_RATIO`` times its
+height is not read (the recogniser pads each line of a batch to a 48 px high strip of the batch's
+widest ratio: hundreds of MB for a hair-thin line) and so does not count as text. Beyond ~56:1 (at
+the default ``det_max_side``) the detector rounds the short side down to 0 and finds no boxes.
 Models load from explicit paths inside the installed wheel; nothing is ever downloaded.
 The optional PaddleOCR backend needs the paddleocr package and local models in
 ``paddle_model_dir``; without them it fails at once with a message naming that setting.
@@ -36,6 +41,11 @@ from tasks.signals.base import ModelParams, ModelSignal, Sample
 
 _DET_MODEL = "PP-OCRv6_det_small.onnx"
 _REC_MODEL = "PP-OCRv6_rec_small.onnx"
+# Long side cap: a rotated crop spans at most the diagonal, 11.6k px, well under SHRT_MAX; at the
+# default rec_side (640) only images beyond 12.8:1 shrink, and an input stays under 16 MB.
+MAX_SIDE = 8192
+# 200:1 is ~400 characters on one line, 9600 px wide at the recogniser's 48 px height.
+MAX_LINE_RATIO = 200
 
 
 class OcrParams(ModelParams):
@@ -93,12 +103,17 @@ def caption_with_text(caption: str | None, text: str) -> str | None:
     return f'{head} The image shows the text "{quoted}"'.strip()
 
 
-def _resize_short(rgb: np.ndarray, side: int) -> np.ndarray:
+def _scaled(rgb: np.ndarray, scale: float) -> np.ndarray:
     h, w = rgb.shape[:2]
-    if min(h, w) <= side:
-        return rgb
-    scale = side / min(h, w)
     return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+def _resize_short(rgb: np.ndarray, side: int) -> np.ndarray:
+    return rgb if min(rgb.shape[:2]) <= side else _scaled(rgb, side / min(rgb.shape[:2]))
+
+
+def _cap_long(rgb: np.ndarray, limit: int = MAX_SIDE) -> np.ndarray:
+    return rgb if max(rgb.shape[:2]) <= limit else _scaled(rgb, limit / max(rgb.shape[:2]))
 
 
 class Ocr(ModelSignal):
@@ -142,7 +157,7 @@ class Ocr(ModelSignal):
 
     def prepare(self, sample: Sample) -> tuple[np.ndarray, str | None]:
         rgb = np.asarray(sample.image.pixels(self.pixel_side()), dtype=np.uint8)
-        return np.ascontiguousarray(rgb), sample.caption
+        return np.ascontiguousarray(_cap_long(rgb)), sample.caption
 
     def setup(self) -> None:
         problem = self.unavailable()
@@ -208,8 +223,14 @@ class Ocr(ModelSignal):
             return []
         scale = np.array([rgb.shape[1] / view.shape[1], rgb.shape[0] / view.shape[0]], np.float32)
         bgr = rgb[:, :, ::-1]  # crops come from the larger view: 320 px is too coarse to read
-        out = self._rec(TextRecInput(img=[get_rotate_crop_image(bgr, (b * scale).astype(np.float32)) for b in boxes]))
-        return [(str(t).strip(), float(s)) for t, s in zip(out.txts, out.scores, strict=True)]
+        crops = [get_rotate_crop_image(bgr, (b * scale).astype(np.float32)) for b in boxes]
+        lines = [i for i, c in enumerate(crops) if max(c.shape[:2]) <= MAX_LINE_RATIO * max(1, min(c.shape[:2]))]
+        read: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+        if lines:
+            out = self._rec(TextRecInput(img=[crops[i] for i in lines]))
+            for i, t, s in zip(lines, out.txts, out.scores, strict=True):
+                read[i] = (str(t).strip(), float(s))
+        return read
 
     def _read(self, rgb: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[tuple[str, float]]]:
         """Text boxes kept (those recognised must read as text) and the lines read, in reading order."""
@@ -232,7 +253,7 @@ class Ocr(ModelSignal):
     def infer(self, inputs: list[tuple[np.ndarray, str | None]]) -> list[dict[str, Any]]:
         out = []
         for rgb, caption in inputs:
-            view, boxes, lines = self._read(rgb)
+            view, boxes, lines = self._read(_cap_long(rgb))  # a no-op after prepare
             row: dict[str, Any] = {
                 "ocr_area_ratio": union_area_ratio(boxes, *view.shape[:2]),
                 "ocr_boxes": len(boxes),

@@ -3,6 +3,22 @@
 The tar is streamed (``r|*``), members of one key arriving together as webdataset
 writes them. A tar that breaks part-way yields the rows before the break and then one
 row that records the break, so the shard's accounting says where it stopped.
+
+Members are read only after their size (from the tar header) is checked against
+``max_member_bytes``: an oversized image gives its row with no bytes as a
+``file_too_large`` reject, and members of unknown types (``.mp4``, ...) are never read.
+Link members (symlink, hardlink) are ``source_unreadable``: a webdataset tar holds
+regular files, and a link's target is not part of the stream.
+
+Keys whose members are not adjacent (``tar cf x.tar *.jpg *.txt``) are not regrouped:
+that would mean buffering the whole tar. The tar's keys are remembered (strings only),
+and a run of members whose key was already emitted is a ``noncontiguous_key`` reject,
+unless both runs carry an image: that is a sample written twice, left to the key
+dedupe. The first run still goes through as it was (for ``*.jpg *.txt``: images without
+captions, kept for recaptioning); the reject rows say why their captions are missing.
+
+Names that are not UTF-8 (Latin-1 bytes in a member name) become printable keys with
+``\\xNN`` escapes rather than surrogates, which Arrow cannot store.
 """
 
 from __future__ import annotations
@@ -13,7 +29,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from schemas.config import SourceConfig
+from schemas.config import DecodeConfig, SourceConfig
 from tasks.sources.base import (
     IMAGE_EXTENSIONS,
     MISSING_IMAGE,
@@ -27,6 +43,21 @@ from tasks.sources.base import (
 )
 
 UNREADABLE_SUFFIX = "/__unreadable_rest__"
+FILE_TOO_LARGE = "file_too_large"  # the reason tasks.decode gives for the same limit
+NONCONTIGUOUS_KEY = "noncontiguous_key"
+# Until the call site passes ``decode.max_file_bytes``, the readers use its default.
+DEFAULT_MAX_MEMBER_BYTES: int = DecodeConfig.model_fields["max_file_bytes"].default
+CAPTION_EXTENSIONS = frozenset({"txt", "caption"})
+
+
+def printable(name: str) -> str:
+    """A file name as valid UTF-8: undecodable bytes (surrogates from the file system or
+    tarfile) become ``\\xNN``, so the name can be a key or a ``source`` in Arrow."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def too_large(size: int, limit: int, name: str) -> str:
+    return f"{FILE_TOO_LARGE}: {size} bytes > max_file_bytes {limit} ({printable(name)})"
 
 
 def discover(root: Path) -> list[SourceShard]:
@@ -39,57 +70,90 @@ def _split(name: str) -> tuple[str, str]:
     """webdataset's rule: the key is everything before the first dot of the base name."""
     head, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
+    return printable(f"{head}/{stem}" if head else stem), ext.lower()
 
 
 class _Group:
+    """The adjacent members of one key."""
+
     def __init__(self, key: str):
         self.key = key
+        self.exts: list[str] = []
+        self.has_image = False  # an image member was present, read or not
         self.image: bytes | None = None
         self.caption_raw: bytes | None = None
         self.meta_raw: bytes | None = None
+        self.error: str | None = None  # the first link or size problem of a member
 
 
-def _emit(builder: BatchBuilder, group: _Group, source: str) -> pa.RecordBatch | None:
+def _emit(builder: BatchBuilder, group: _Group, source: str, seen: dict[str, bool]) -> pa.RecordBatch | None:
+    """``seen``: key -> whether an emitted run of that key had an image."""
     caption, error = decode_caption(group.caption_raw)
-    if group.image is None:
+    earlier = seen.get(group.key)
+    if earlier is not None and not (earlier and group.has_image):
+        error = (f"{NONCONTIGUOUS_KEY}: the members of {group.key} are not adjacent in the tar (img2dataset "
+                 f"writes them adjacent); this later run ({', '.join(group.exts)}) is not joined to the "
+                 "earlier one, which was emitted on its own")
+        group.image = None
+    elif group.error:
+        error = group.error
+    elif not group.has_image:
         error = error or f"{MISSING_IMAGE}: no image member for this key"
+    seen[group.key] = bool(earlier) or group.has_image
     meta = group.meta_raw.decode("utf-8", "replace") if group.meta_raw else None
     return builder.add(group.key, source, group.image, caption, error, meta)
 
 
-def read(shard: SourceShard, cfg: SourceConfig) -> Iterator[pa.RecordBatch]:
+def _take(tar: tarfile.TarFile, member: tarfile.TarInfo, group: _Group, ext: str, limit: int) -> None:
+    """Read one member into its group, unless it is a link, too large or not wanted."""
+    is_image = ext in IMAGE_EXTENSIONS
+    group.exts.append(ext)
+    if not (is_image or ext in CAPTION_EXTENSIONS or ext == "json"):
+        return  # unknown types are never read: the stream skips over them
+    group.has_image |= is_image
+    if member.issym() or member.islnk():
+        group.error = group.error or (f"{UNREADABLE}: {printable(member.name)} is a link member "
+                                      f"(to {printable(member.linkname)}); webdataset tars hold regular files")
+        return
+    if not member.isfile() or (is_image and group.image is not None):
+        return  # a second image of one key: the first one is the sample
+    if member.size > limit:
+        group.error = group.error or too_large(member.size, limit, member.name)
+        return
+    handle = tar.extractfile(member)
+    data = handle.read() if handle else b""
+    if is_image:
+        group.image = data
+    elif ext == "json":
+        group.meta_raw = data
+    else:
+        group.caption_raw = data
+
+
+def read(shard: SourceShard, cfg: SourceConfig,
+         max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[pa.RecordBatch]:
     builder = BatchBuilder(cfg.batch_rows)
+    source = printable(shard.path)
     group: _Group | None = None
+    seen: dict[str, bool] = {}
     try:
         with tarfile.open(shard.path, "r|*") as tar:
             for member in tar:
-                if not member.isfile():
+                if not (member.isfile() or member.issym() or member.islnk()):
                     continue
                 key, ext = _split(member.name)
                 if group is None or key != group.key:
-                    if group is not None and (batch := _emit(builder, group, shard.path)):
+                    if group is not None and (batch := _emit(builder, group, source, seen)):
                         yield batch
                     group = _Group(key)
-                handle = tar.extractfile(member)
-                data = handle.read() if handle else b""
-                if ext in IMAGE_EXTENSIONS and group.image is None:
-                    group.image = data
-                elif ext in ("txt", "caption"):
-                    group.caption_raw = data
-                elif ext == "json":
-                    group.meta_raw = data
-        if group is not None and (batch := _emit(builder, group, shard.path)):
+                _take(tar, member, group, ext, max_member_bytes)
+        if group is not None and (batch := _emit(builder, group, source, seen)):
             yield batch
     except (tarfile.TarError, OSError, EOFError) as exc:
+        where = f"tar unreadable after {group.key if group else 'the start'}: {type(exc).__name__}: {exc}"
         if cfg.unreadable == "fail":
-            raise UnreadableSource(f"{shard.path}: tar unreadable after "
-                                   f"{group.key if group else 'the start'}: {type(exc).__name__}: {exc}") from exc
+            raise UnreadableSource(f"{source}: {where}") from exc
         # The group in progress may be incomplete: it is part of what could not be read.
-        builder.add(
-            key=f"{shard.shard_id}{UNREADABLE_SUFFIX}",
-            source=shard.path,
-            source_error=f"{UNREADABLE}: tar unreadable after {group.key if group else 'the start'}: "
-            f"{type(exc).__name__}: {exc}",
-        )
+        builder.add(key=f"{shard.shard_id}{UNREADABLE_SUFFIX}", source=source,
+                    source_error=f"{UNREADABLE}: {printable(where)}")
     yield from drain(builder)
