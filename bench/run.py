@@ -111,7 +111,7 @@ def load_batches(shards: list[SourceShard], cfg: CurateConfig, images: int) -> l
     batches: list[pa.RecordBatch] = []
     have = 0
     for shard in shards:
-        for batch in read_shard(shard, cfg.source):
+        for batch in read_shard(shard, cfg.source, cfg.decode.max_file_bytes):
             batches.append(batch.slice(0, images - have))
             have += batches[-1].num_rows
             if have >= images:

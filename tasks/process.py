@@ -54,7 +54,7 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, pools: Pools
     result = ShardResult(shard.shard_id, shard.path)
     reasons: Counter[str] = Counter()
     kept_keys: set[str] = set()
-    for batch in read_shard(shard, cfg.source):
+    for batch in read_shard(shard, cfg.source, cfg.decode.max_file_bytes):
         scored = chain.score_batch(batch, kept_keys)
         writers["shards"].add(scored.kept)
         writers["rejects"].add(scored.rejects)

@@ -9,11 +9,11 @@ import pyarrow as pa
 
 from schemas.config import SourceConfig
 from tasks.sources import folder, parquet, webdataset
-from tasks.sources.base import IMAGE_EXTENSIONS, SourceError, SourceShard
+from tasks.sources.base import DEFAULT_MAX_MEMBER_BYTES, IMAGE_EXTENSIONS, SourceError, SourceShard
 
 __all__ = ["SourceError", "SourceShard", "detect_kind", "discover", "read_shard"]
 
-_READERS: dict[str, Callable[[SourceShard, SourceConfig], Iterator[pa.RecordBatch]]] = {
+_READERS: dict[str, Callable[[SourceShard, SourceConfig, int], Iterator[pa.RecordBatch]]] = {
     "webdataset": webdataset.read,
     "parquet": parquet.read,
     "folder": folder.read,
@@ -51,5 +51,7 @@ def discover(source: str | Path, cfg: SourceConfig) -> list[SourceShard]:
     return folder.discover(root, cfg)
 
 
-def read_shard(shard: SourceShard, cfg: SourceConfig) -> Iterator[pa.RecordBatch]:
-    return _READERS[shard.kind](shard, cfg)
+def read_shard(shard: SourceShard, cfg: SourceConfig,
+               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[pa.RecordBatch]:
+    """Record batches of one source shard; members over ``max_member_bytes`` are never read."""
+    return _READERS[shard.kind](shard, cfg, max_member_bytes)

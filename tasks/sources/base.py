@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from schemas.arrow import INPUT_SCHEMA
+from schemas.config import DecodeConfig
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 
@@ -42,6 +43,22 @@ class SourceShard:
     kind: str  # webdataset | parquet | folder
     path: str  # the shard file, or the folder root
     members: tuple[str, ...] = field(default=(), repr=False)  # folder: relative image paths
+
+
+UNREADABLE_SUFFIX = "/__unreadable_rest__"
+FILE_TOO_LARGE = "file_too_large"  # the reason tasks.decode gives for the same limit
+DEFAULT_MAX_MEMBER_BYTES: int = DecodeConfig.model_fields["max_file_bytes"].default
+
+
+def printable(name: str) -> str:
+    """A file name as valid UTF-8: undecodable bytes (surrogates from the file system or
+    tarfile) become ``\\xNN``, so the name can be a key or a ``source`` in Arrow."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def too_large(size: int, limit: int, name: str) -> str:
+    """Error text for a member or file over ``decode.max_file_bytes``, found before reading it."""
+    return f"{FILE_TOO_LARGE}: {size} bytes > max_file_bytes {limit} ({printable(name)})"
 
 
 def shard_id_for(root: Path, path: Path) -> str:

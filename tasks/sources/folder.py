@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from schemas.config import SourceConfig
 from tasks.sources.base import (
+    DEFAULT_MAX_MEMBER_BYTES,
     IMAGE_EXTENSIONS,
     MISSING_IMAGE,
     UNREADABLE,
@@ -23,8 +24,9 @@ from tasks.sources.base import (
     SourceShard,
     decode_caption,
     drain,
+    printable,
+    too_large,
 )
-from tasks.sources.webdataset import DEFAULT_MAX_MEMBER_BYTES, printable, too_large
 
 
 def list_images(root: Path) -> list[str]:

@@ -22,17 +22,20 @@ import pyarrow.parquet as pq
 
 from schemas.config import SourceConfig
 from tasks.sources.base import (
+    DEFAULT_MAX_MEMBER_BYTES,
     MISSING_IMAGE,
     UNREADABLE,
+    UNREADABLE_SUFFIX,
     BatchBuilder,
     SourceError,
     SourceShard,
     UnreadableSource,
     decode_caption,
     drain,
+    printable,
     shard_id_for,
+    too_large,
 )
-from tasks.sources.webdataset import DEFAULT_MAX_MEMBER_BYTES, UNREADABLE_SUFFIX, printable, too_large
 
 _TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_binary,
                pa.types.is_large_binary, pa.types.is_binary_view, pa.types.is_null)
@@ -40,7 +43,7 @@ _READ_ERRORS = (OSError, pa.ArrowException)
 
 
 def discover(root: Path, cfg: SourceConfig) -> list[SourceShard]:
-    files = sorted(root.rglob("*.parquet")) if root.is_dir() else [root]
+    files = sorted(p for p in root.rglob("*.parquet") if p.is_file()) if root.is_dir() else [root]
     base = root if root.is_dir() else root.parent
     for path in files:
         _check_columns(path, cfg)

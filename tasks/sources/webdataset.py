@@ -29,39 +29,29 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from schemas.config import DecodeConfig, SourceConfig
+from schemas.config import SourceConfig
 from tasks.sources.base import (
+    DEFAULT_MAX_MEMBER_BYTES,
     IMAGE_EXTENSIONS,
     MISSING_IMAGE,
     UNREADABLE,
+    UNREADABLE_SUFFIX,
     BatchBuilder,
     SourceShard,
     UnreadableSource,
     decode_caption,
     drain,
+    printable,
     shard_id_for,
+    too_large,
 )
 
-UNREADABLE_SUFFIX = "/__unreadable_rest__"
-FILE_TOO_LARGE = "file_too_large"  # the reason tasks.decode gives for the same limit
 NONCONTIGUOUS_KEY = "noncontiguous_key"
-# Until the call site passes ``decode.max_file_bytes``, the readers use its default.
-DEFAULT_MAX_MEMBER_BYTES: int = DecodeConfig.model_fields["max_file_bytes"].default
 CAPTION_EXTENSIONS = frozenset({"txt", "caption"})
 
 
-def printable(name: str) -> str:
-    """A file name as valid UTF-8: undecodable bytes (surrogates from the file system or
-    tarfile) become ``\\xNN``, so the name can be a key or a ``source`` in Arrow."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def too_large(size: int, limit: int, name: str) -> str:
-    return f"{FILE_TOO_LARGE}: {size} bytes > max_file_bytes {limit} ({printable(name)})"
-
-
 def discover(root: Path) -> list[SourceShard]:
-    tars = sorted(root.rglob("*.tar")) if root.is_dir() else [root]
+    tars = sorted(p for p in root.rglob("*.tar") if p.is_file()) if root.is_dir() else [root]
     base = root if root.is_dir() else root.parent
     return [SourceShard(shard_id_for(base, p), "webdataset", str(p)) for p in tars]
 
@@ -110,13 +100,13 @@ def _take(tar: tarfile.TarFile, member: tarfile.TarInfo, group: _Group, ext: str
     group.exts.append(ext)
     if not (is_image or ext in CAPTION_EXTENSIONS or ext == "json"):
         return  # unknown types are never read: the stream skips over them
+    if is_image and group.has_image:
+        return  # a second image of one key: the first one is the sample
     group.has_image |= is_image
     if member.issym() or member.islnk():
         group.error = group.error or (f"{UNREADABLE}: {printable(member.name)} is a link member "
                                       f"(to {printable(member.linkname)}); webdataset tars hold regular files")
         return
-    if not member.isfile() or (is_image and group.image is not None):
-        return  # a second image of one key: the first one is the sample
     if member.size > limit:
         group.error = group.error or too_large(member.size, limit, member.name)
         return
