@@ -105,7 +105,7 @@ class Faces(ModelSignal):
         return f"faces: BlazeFace model(s) missing from the mediapipe wheel: {', '.join(missing)}" if missing else None
 
     def prepare(self, sample: Sample) -> np.ndarray:
-        """Capped here too, so a banner is not shipped to the actor at 44 MB."""
+        """Capped here (detect caps again), so a 40000x400 banner does not reach the actor as 44 MB."""
         return np.ascontiguousarray(fit_long_side(np.asarray(sample.image.pixels(self.params.side), np.uint8)))
 
     def setup(self) -> None:
