@@ -151,5 +151,20 @@ def test_an_actor_that_dies_costs_one_row_not_the_shard(tmp_path: Path, ray_runt
     finally:
         stop_pools(pools)
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    _wait_until_dead(pools["boom"])  # ray.kill is asynchronous: a call sent right after it may still be served
     with pytest.raises(RuntimeError, match="did not come back"):  # a killed pool fails the shard, rejects nothing
         infer_on_pool(pools["boom"], ["fine"], 1)
+
+
+def _wait_until_dead(handles: list, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    for h in handles:
+        while True:
+            try:
+                ray.get(h.ready.remote(), timeout=5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            assert time.monotonic() < deadline, "a killed actor kept answering"
+            time.sleep(0.2)
