@@ -27,11 +27,11 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from tasks.signals import arrays
 from tasks.signals.base import ModelParams, ModelSignal, Sample
 
 _MODELS = {"short": "face_detection_short_range.tflite", "full": "face_detection_full_range_sparse.tflite"}
@@ -42,13 +42,8 @@ MAX_SIDE = 4096
 
 
 def fit_long_side(rgb: np.ndarray, limit: int = MAX_SIDE) -> np.ndarray:
-    """``rgb`` scaled down so its long side is at most ``limit`` (no side below 1 px)."""
-    h, w = rgb.shape[:2]
-    if max(h, w) <= limit:
-        return rgb
-    scale = limit / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    """``rgb`` with its long side at most ``limit`` (the detector's cap by default)."""
+    return arrays.fit_long_side(rgb, limit)
 
 
 class FacesParams(ModelParams):

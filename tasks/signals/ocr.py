@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from tasks.signals.arrays import fit_long_side, fit_short_side
 from tasks.signals.base import ModelParams, ModelSignal, Sample
 
 _DET_MODEL = "PP-OCRv6_det_small.onnx"
@@ -103,19 +104,6 @@ def caption_with_text(caption: str | None, text: str) -> str | None:
     return f'{head} The image shows the text "{quoted}"'.strip()
 
 
-def _scaled(rgb: np.ndarray, scale: float) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-
-
-def _resize_short(rgb: np.ndarray, side: int) -> np.ndarray:
-    return rgb if min(rgb.shape[:2]) <= side else _scaled(rgb, side / min(rgb.shape[:2]))
-
-
-def _cap_long(rgb: np.ndarray, limit: int = MAX_SIDE) -> np.ndarray:
-    return rgb if max(rgb.shape[:2]) <= limit else _scaled(rgb, limit / max(rgb.shape[:2]))
-
-
 class Ocr(ModelSignal):
     name = "ocr"
     cost = 200
@@ -157,7 +145,7 @@ class Ocr(ModelSignal):
 
     def prepare(self, sample: Sample) -> tuple[np.ndarray, str | None]:
         rgb = np.asarray(sample.image.pixels(self.pixel_side()), dtype=np.uint8)
-        return np.ascontiguousarray(_cap_long(rgb)), sample.caption
+        return np.ascontiguousarray(fit_long_side(rgb, MAX_SIDE)), sample.caption
 
     def setup(self) -> None:
         problem = self.unavailable()
@@ -202,7 +190,7 @@ class Ocr(ModelSignal):
 
     def _detect(self, rgb: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """The detection view and its text boxes (quadrilaterals in its pixels)."""
-        view = _resize_short(rgb, self.params.det_side)
+        view = fit_short_side(rgb, self.params.det_side)
         found = self._det(np.ascontiguousarray(view[:, :, ::-1]))  # the models take BGR
         return view, [] if found.boxes is None else list(found.boxes)
 
@@ -253,7 +241,7 @@ class Ocr(ModelSignal):
     def infer(self, inputs: list[tuple[np.ndarray, str | None]]) -> list[dict[str, Any]]:
         out = []
         for rgb, caption in inputs:
-            view, boxes, lines = self._read(_cap_long(rgb))  # a no-op after prepare
+            view, boxes, lines = self._read(fit_long_side(rgb, MAX_SIDE))  # a no-op after prepare
             row: dict[str, Any] = {
                 "ocr_area_ratio": union_area_ratio(boxes, *view.shape[:2]),
                 "ocr_boxes": len(boxes),
