@@ -1,11 +1,26 @@
 """The curation config: one YAML file, validated before any work starts.
 
 Every section forbids unknown keys, so a typo (``sharpnes:``) is an error at start-up
-rather than a rule that silently never runs over a billion rows.
+rather than a rule that silently never runs over a billion rows. Every error names the
+dotted path of its key (``signals.sharpness.short_side: ...``), and a rule bound outside
+what its column can hold (``rules.short_side.min: -256``) is an error too.
+
+How a config merges with the defaults:
+
+- ``source``, ``decode``, ``buckets``, ``output`` and ``run`` merge key by key: a key left
+  out keeps its default, so ``run: {workers: 8}`` changes only the worker count.
+- ``signals:`` replaces the default signal list: only the signals it names run.
+- ``rules:`` replaces the default rules: exactly the rules it lists apply (``rules: {}``
+  applies none), whatever ``signals:`` says.
+- No ``rules:`` gives the default rules on the columns of the enabled signals only:
+  ``signals: {resolution: {}}`` alone gets the default ``short_side`` and ``aspect_ratio``
+  rules, not the default ``sharpness`` rule of a signal it did not enable.
+- No ``signals:`` (and no ``rules:``) gives all the default signals and all the default rules.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -31,6 +46,11 @@ class SourceConfig(Strict):
     # so a later run redoes it once the file is fixed); "salvage" keeps the rows before the
     # break and adds one source_unreadable reject row standing for the rest.
     unreadable: Literal["fail", "salvage"] = "fail"
+    changed: Literal["refuse", "recurate"] = Field(
+        "refuse",
+        description="a rerun that finds a source shard recorded as done changed since (size or modification "
+        "time): 'refuse' stops with a message naming it; 'recurate' curates it again, replacing its old rows",
+    )
 
 
 class DecodeConfig(Strict):
@@ -51,7 +71,7 @@ class Bounds(Strict):
         if self.min is None and self.max is None:
             raise ValueError("a rule needs min, max or both")
         if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"min {self.min} is above max {self.max}")
+            raise ValueError(f"min {self.min:.15g} is above max {self.max:.15g}")
         return self
 
 
@@ -82,6 +102,15 @@ class RunConfig(Strict):
     workers: int = Field(2, ge=1, description="concurrent source shards (one CPU each)")
     ray_address: str | None = None
     task_retries: int = Field(1, ge=0)
+    max_signal_error_fraction: float = Field(
+        0.5, gt=0, le=1,
+        description="a signal failing on more than this fraction of the rows of a shard it ran on fails the "
+        "shard and the run (a broken model or setup, not bad rows); below it, each failed row is a "
+        "signal_error_<signal> reject",
+    )
+    ray_connect_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="seconds joining the cluster at RAY_ADDRESS may take before the run fails"
+    )
 
 
 # Kolors' stage-2 filters, cheapest first. The aesthetic signal is not on by default: its
@@ -108,7 +137,8 @@ DEFAULT_RULES: dict[str, dict[str, float]] = {
 
 class CurateConfig(Strict):
     """The whole config. ``signals`` maps a signal name to its parameters; ``rules`` maps a
-    signal column to its bounds. Both are checked against the signal registry."""
+    signal column to its bounds. Both are checked against the signal registry; how they
+    merge with the defaults is in the module docstring."""
 
     source: SourceConfig = SourceConfig()
     decode: DecodeConfig = DecodeConfig()
@@ -119,6 +149,20 @@ class CurateConfig(Strict):
     buckets: BucketConfig = BucketConfig()
     output: OutputConfig = OutputConfig()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_rules_of_enabled_signals(cls, data: Any) -> Any:
+        """Signals without rules get the default rules of those signals only: the full default
+        set would fail on a rule (sharpness, say) for a signal the config never asked for.
+        Given rules (a stored ``model_dump`` always has them) are left exactly as they are."""
+        if not isinstance(data, dict) or "rules" in data or not isinstance(data.get("signals"), dict):
+            return data
+        from tasks.signals import column_owner  # late: the registry imports signal modules
+
+        owner = column_owner()
+        rules = {col: bounds for col, bounds in DEFAULT_RULES.items() if owner.get(col) in data["signals"]}
+        return {**data, "rules": rules}
 
     @model_validator(mode="after")
     def _signals_and_rules_exist(self) -> CurateConfig:
@@ -153,15 +197,51 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def format_validation_error(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> str:
+    """One line per error, ``dotted.key: message``: pydantic's own text puts the key on one line
+    and the message on the next, and leaves out where a nested model sits (``prefix``)."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        path = ".".join(str(part) for part in (*prefix, *err["loc"]))
+        message = err["msg"].removeprefix("Value error, ")  # our own messages need no label
+        lines.append(f"{path}: {message}" if path else message)
+    return "\n".join(lines)
+
+
 def load_yaml_model(path: str | Path, model: type[M]) -> M:
     """Read a YAML mapping and validate it as ``model``; any problem is a ConfigError naming the file."""
     data = read_yaml_mapping(path)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        lines = format_validation_error(exc).splitlines()
+        raise ConfigError("\n".join(f"{path}: {line}" for line in lines)) from exc
 
 
 def load_config(path: str | Path | None) -> CurateConfig:
     """Read and validate a curation YAML config; None gives the defaults."""
     return CurateConfig() if path is None else load_yaml_model(path, CurateConfig)
+
+
+def config_differences(before: Mapping[str, Any], now: Mapping[str, Any], free: tuple[str, ...] = ()) -> list[str]:
+    """The dotted paths of the settings that differ between two config dumps, sorted, leaving out
+    any path equal to or under an entry of ``free``. A resume refused for ``source.unreadable``
+    can say so, where "differs in source" leaves the user to diff the files. A key present on
+    one side only (a signal added or removed) is one path: ``signals.aesthetic``."""
+    return sorted(p for p in _differing_paths(before, now, "") if not _is_free(p, free))
+
+
+_ABSENT = object()
+
+
+def _differing_paths(before: Mapping[str, Any], now: Mapping[str, Any], prefix: str) -> Iterator[str]:
+    for key in before.keys() | now.keys():
+        path, old, new = f"{prefix}{key}", before.get(key, _ABSENT), now.get(key, _ABSENT)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            yield from _differing_paths(old, new, f"{path}.")
+        elif old != new:
+            yield path
+
+
+def _is_free(path: str, free: tuple[str, ...]) -> bool:
+    return any(path == f or path.startswith(f"{f}.") for f in free)

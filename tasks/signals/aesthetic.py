@@ -21,13 +21,13 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from tasks.signals.base import ModelParams, ModelSignal, Sample
+from tasks.signals.base import ModelParams, ModelSignal, Ranges, Sample
 
 _MLP_SUFFIXES = (".safetensors", ".pth", ".pt")
 _EMBED_DIM = 768  # the head's input: ViT-L/14's embedding
@@ -125,6 +125,7 @@ class Aesthetic(ModelSignal):
     cost = 300
     Params = AestheticParams
     fields = (pa.field("aesthetic", pa.float32()),)
+    ranges: ClassVar[Ranges] = {"aesthetic": (None, None)}  # an unclamped linear head: "roughly 1-10" is no guarantee
 
     def pixel_side(self) -> int | None:
         cfg = model_config(self.params.clip_model)

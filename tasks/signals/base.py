@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.decode import ImageSample
 
+# Column -> (lowest, highest) value it can take; None: no limit that way.
+Ranges = dict[str, tuple[float | None, float | None]]
+
 
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -46,6 +49,9 @@ class Signal:
     cost: ClassVar[int]  # 0 header-only, 10 cheap pixels, 100+ models
     Params: ClassVar[type[BaseModel]] = NoParams
     fields: ClassVar[tuple[pa.Field, ...]]
+    # The values each numeric column can take, (lowest, highest), None for no limit: a rule
+    # bound outside them (``short_side: {min: -256}``) is a config error, not a silent no-op.
+    ranges: ClassVar[Ranges] = {}
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()

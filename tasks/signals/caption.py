@@ -3,17 +3,18 @@ megabyte of text in a caption field is scraping debris, not a description."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from tasks.signals.base import Sample, Signal
+from tasks.signals.base import Ranges, Sample, Signal
 
 
 class CaptionLength(Signal):
     name = "caption"
     cost = 0
     fields = (pa.field("caption_chars", pa.int32()), pa.field("caption_words", pa.int32()),)
+    ranges: ClassVar[Ranges] = {"caption_chars": (0, None), "caption_words": (0, None)}  # counts
 
     def compute(self, sample: Sample) -> dict[str, Any]:
         text = (sample.caption or "").strip()

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from tasks.signals import arrays
-from tasks.signals.base import ModelParams, ModelSignal, Sample
+from tasks.signals.base import ModelParams, ModelSignal, Ranges, Sample
 
 _MODELS = {"short": "face_detection_short_range.tflite", "full": "face_detection_full_range_sparse.tflite"}
 _SELECTION = {"short": 0, "full": 1}  # mediapipe's model_selection
@@ -85,6 +85,7 @@ class Faces(ModelSignal):
     cost = 100
     Params = FacesParams
     fields = (pa.field("face_count", pa.int32()), pa.field("face_area_ratio", pa.float32()))
+    ranges: ClassVar[Ranges] = {"face_count": (0, None), "face_area_ratio": (0, 1)}  # boxes are clipped to the frame
 
     def _models(self) -> list[str]:
         return ["short", "full"] if self.params.model == "both" else [self.params.model]

@@ -30,7 +30,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import cv2
 import numpy as np
@@ -38,7 +38,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from tasks.signals.arrays import fit_long_side, fit_short_side
-from tasks.signals.base import ModelParams, ModelSignal, Sample
+from tasks.signals.base import ModelParams, ModelSignal, Ranges, Sample
 
 _DET_MODEL = "PP-OCRv6_det_small.onnx"
 _REC_MODEL = "PP-OCRv6_rec_small.onnx"
@@ -115,6 +115,9 @@ class Ocr(ModelSignal):
         pa.field("ocr_confidence", pa.float32()),
         pa.field("caption_ocr", pa.string()),
     )
+    # Text columns take no rule; the area is a union over the image, the confidence a mean of
+    # recogniser probabilities.
+    ranges: ClassVar[Ranges] = {"ocr_area_ratio": (0, 1), "ocr_boxes": (0, None), "ocr_confidence": (0, 1)}
 
     def pixel_side(self) -> int | None:
         p = self.params

@@ -5,13 +5,13 @@ against their median, 64 bits as a signed int64 so DuckDB can compare hashes wit
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from tasks.signals.base import Sample, Signal
+from tasks.signals.base import Ranges, Sample, Signal
 
 _SIZE = 32
 _LOW = 8
@@ -45,6 +45,7 @@ class PHash(Signal):
     color = False
     cost = 11
     fields = (pa.field("phash", pa.int64()),)
+    ranges: ClassVar[Ranges] = {"phash": (-(2**63), 2**63 - 1)}  # 64 bits as a signed int64; their order means nothing
 
     def pixel_side(self) -> int | None:
         return 64

@@ -21,13 +21,13 @@ import importlib.util
 import pickle
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from tasks.signals.base import NoParams, Sample, Signal
+from tasks.signals.base import NoParams, Ranges, Sample, Signal
 
 _C = 1.0 / 255.0  # MSCN stabiliser, for grey in [0, 1]
 _GREY = np.array([0.2125, 0.7154, 0.0721])  # skimage.color.rgb2gray
@@ -157,6 +157,7 @@ class Quality(Signal):
     cost = 150
     Params = QualityParams
     fields = (pa.field("quality", pa.float32()),)
+    ranges: ClassVar[Ranges] = {"quality": (None, None)}  # an SVM regression: ~0-100, but nothing bounds it (see above)
 
     def pixel_side(self) -> int | None:
         return self.params.short_side

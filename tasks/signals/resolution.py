@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from tasks.signals.base import Sample, Signal
+from tasks.signals.base import Ranges, Sample, Signal
 
 
 class Resolution(Signal):
@@ -19,6 +19,8 @@ class Resolution(Signal):
         pa.field("aspect_ratio", pa.float32()),
         pa.field("file_bytes", pa.int64()),
     )
+    # Sizes (the decoder refuses an empty image, so they are >= 1 in practice); w / h is > 0.
+    ranges: ClassVar[Ranges] = {c: (0, None) for c in ("width", "height", "short_side", "aspect_ratio", "file_bytes")}
 
     def compute(self, sample: Sample) -> dict[str, Any]:
         h = sample.image.header

@@ -6,14 +6,14 @@ across images at one normalised size (512 px short side by default).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from tasks.signals.base import NoParams, Sample, Signal
+from tasks.signals.base import NoParams, Ranges, Sample, Signal
 
 
 class SharpnessParams(NoParams):
@@ -37,6 +37,9 @@ class Sharpness(Signal):
     cost = 10
     Params = SharpnessParams
     fields = (pa.field("sharpness", pa.float32()),)
+    # A variance, clamped at 0; the Laplacian of uint8 grey lies in [-1020, 1020], whose
+    # variance is at most 1020 ** 2.
+    ranges: ClassVar[Ranges] = {"sharpness": (0, 1020**2)}
 
     def pixel_side(self) -> int | None:
         return self.params.short_side
