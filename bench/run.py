@@ -44,7 +44,8 @@ from bench.corpus import REPO, CorpusSpec, build_corpus
 from bench.memory import TreeSampler
 from schemas.config import CurateConfig
 from tasks.chain import Chain
-from tasks.runner import ensure_ray, run
+from tasks.cluster import ensure_ray
+from tasks.runner import run
 from tasks.signals import registry
 from tasks.sources import SourceShard, discover, read_shard
 

@@ -22,7 +22,8 @@ from prefect.states import Completed, Failed, State
 
 from schemas.config import load_config
 from tasks.dedupe import dedupe_keys
-from tasks.runner import RunSummary, guard_run_config, run
+from tasks.lock import output_lock
+from tasks.runner import RunAborted, RunSummary, guard_run_config, run
 from tasks.sources import SourceShard, discover
 from tasks.stats import compute_stats, format_markdown
 
@@ -62,7 +63,10 @@ def curate_group(source: str, out: str, config: str | None, mode: str, shards: l
         if progress is not None:
             progress.shard_done(result.rows, result.kept)
 
-    summary = run(source, out, cfg, mode=mode, shards=group, dedupe=False, progress=report)
+    try:
+        summary = run(source, out, cfg, mode=mode, shards=group, dedupe=False, progress=report)
+    except RunAborted as exc:  # no retry gets past it: tell the flow to stop, do not raise
+        return {"aborted": str(exc)}
     if summary.failed:
         raise ShardsFailed("; ".join(f"{k}: {v}" for k, v in summary.failed.items()))
     return summary.to_dict()
@@ -86,11 +90,19 @@ def _groups(shards: list[SourceShard], size: int) -> list[list[dict[str, Any]]]:
 @flow(name="curate", log_prints=True)
 def curate(source: str, out: str, config: str | None = None, mode: str = "curate",
            shards_per_task: int = 64) -> State:
-    """Curate ``source`` into ``out`` (``mode="analyze"``: every signal, no rule)."""
-    logger = get_run_logger()
+    """Curate ``source`` into ``out`` (``mode="analyze"``: every signal, no rule). Holds the
+    output's lock for the whole flow run, so a second run on ``out`` refuses at start."""
     cfg = load_config(config)  # a bad config fails here, before any work
     shards = discover(source, cfg.source)
-    guard_run_config(Path(out), mode, cfg, source)  # and so does resuming `out` with another config
+    # and so does resuming `out` with another config, or a run already working on it
+    guard_run_config(Path(out), mode, cfg.without_rules() if mode == "analyze" else cfg, source, write=False)
+    with output_lock(out, f"prefect flow curate --source {source}"):
+        return _curate_locked(source, out, config, mode, shards_per_task, cfg, shards)
+
+
+def _curate_locked(source: str, out: str, config: str | None, mode: str, shards_per_task: int, cfg: Any,
+                   shards: list[SourceShard]) -> State:
+    logger = get_run_logger()
     from tasks.shards import Manifest
 
     done_before = len({s.shard_id for s in shards} & Manifest(Path(out)).done_ids())
@@ -103,6 +115,9 @@ def curate(source: str, out: str, config: str | None = None, mode: str = "curate
         if state.is_failed():
             failed.append(str(state.message or state.name))
             logger.error("a shard group failed after retries: %s", state.message)
+        elif aborted := state.result().get("aborted"):
+            logger.error("the run stopped: %s", aborted)
+            return Failed(message=f"the run stopped: {aborted}")
     stats = finalize(out)
     if failed:
         return Failed(message=f"{len(failed)} shard group(s) failed; the rest is done: " + " | ".join(failed),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def _progress_bar(total: int, initial: int):
 
 
 def _cmd_run(args: argparse.Namespace, mode: str) -> int:
-    from tasks.runner import RunConfigMismatch, run
+    from tasks.runner import run
     from tasks.sources import discover
 
     cfg = load_config(args.config)
@@ -39,12 +40,9 @@ def _cmd_run(args: argparse.Namespace, mode: str) -> int:
     try:
         summary = run(args.source, args.out, cfg, mode=mode, progress=update, shards=shards,
                       use_ray=not args.no_ray)
-    except RunConfigMismatch as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         bar.close()
-    print(json.dumps(summary.to_dict(), indent=1))
+    _print(json.dumps(summary.to_dict(), indent=1))
     return 1 if summary.failed else 0
 
 
@@ -55,7 +53,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         print(f"error: no such output folder: {args.out}", file=sys.stderr)
         return 2
     stats = compute_stats(args.out)
-    print(json.dumps(stats, indent=1, default=str) if args.json else format_stats(stats))
+    _print(json.dumps(stats, indent=1, default=str) if args.json else format_stats(stats))
     return 0
 
 
@@ -63,9 +61,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from pipelines.stack import up
 
     stack = up(port=args.port)
-    print(f"Prefect UI:  {stack.ui_url}")
-    print(f"in another shell:  export PREFECT_API_URL={stack.api_url}")
-    print("  prefect deployment run curate/laion --param source=PATH --param out=DIR")
+    _print(f"Prefect UI:  {stack.ui_url}")
+    _print(f"in another shell:  export PREFECT_API_URL={stack.api_url}")
+    _print("  prefect deployment run curate/laion --param source=PATH --param out=DIR")
     return 0
 
 
@@ -88,7 +86,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:  # a selection with no rows, a model folder that will not load, ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result.__dict__, indent=1))
+    _print(json.dumps(result.__dict__, indent=1))
     return 0
 
 
@@ -125,13 +123,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The command's own output. Everything else that writes to file descriptor 1 (Ray's C++
+# core, a library's print) is sent to stderr instead, so `--json` output parses.
+_STDOUT = None
+
+
+def _print(text: str) -> None:
+    print(text, file=_STDOUT or sys.stdout, flush=True)
+
+
+def _stdout_to_stderr() -> None:
+    global _STDOUT
+    _STDOUT = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    sys.stdout.flush()
+    os.dup2(2, 1)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user causes (config, input, output, services): one line, exit 2."""
+    from tasks.lock import OutputLocked
+    from tasks.runner import RunAborted, RunConfigMismatch, SourceChangedSinceDone
+
+    return (ConfigError, SourceError, OSError, OutputLocked, RunAborted, RunConfigMismatch, SourceChangedSinceDone)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    """The command. Run as a program (``argv`` None) it keeps stdout for its own output; called
+    from Python with ``argv`` it leaves the caller's stdout alone."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    if argv is None:
+        _stdout_to_stderr()
     try:
         return args.func(args)
-    except (ConfigError, SourceError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except _user_errors() as exc:
+        print(f"error: {_describe(exc)}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ benchmark all call: an input batch in, a kept batch and a reject batch out.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from PIL import Image
 
 from schemas.arrow import kept_schema, reject_schema
 from schemas.config import CurateConfig
-from tasks.actors import Pools, infer_on_pool
+from tasks.actors import ItemError, Pools, infer_on_pool
 from tasks.buckets import BucketAssigner
 from tasks.decode import DecodeError, ImageSample
 from tasks.rules import first_failure
@@ -27,6 +28,16 @@ log = logging.getLogger(__name__)
 # Decoding at this short side still runs the whole entropy decoder (so truncation is
 # caught) at 1/8 of the IDCT work, for configs whose signals read no pixels at all.
 VERIFY_SIDE = 64
+
+# A signal must fail on at least this many rows of a shard (and on more than
+# run.max_signal_error_fraction of those it ran on) before the shard fails for it: one
+# poison image in a small shard is that image's reject, not a broken model.
+MIN_ERRORS_TO_FAIL = 3
+
+
+class SignalFailing(RuntimeError):
+    """A signal failed on most rows of a shard: a broken model or setup, not bad rows. The
+    run stops, rather than turning a whole pool into ``signal_error_*`` rejects."""
 
 
 @dataclass
@@ -75,6 +86,9 @@ class Chain:
         self._rules_for = {
             sig.name: {c: b for c, b in cfg.rules.items() if c in sig.columns()} for sig in self.signals
         }
+        self.tried: Counter[str] = Counter()  # per signal, over the whole shard
+        self.failed: Counter[str] = Counter()
+        self.first_error: dict[str, str] = {}
 
     def _open(self, row: _Row) -> None:
         if row.reason:
@@ -113,33 +127,49 @@ class Chain:
                 log.warning("signal %s failed on a batch; retrying one by one", signal.name, exc_info=True)
                 results = [self._one(signal, r) for r in live]
         rules = self._rules_for[signal.name]
+        self.tried[signal.name] += len(live)
         for r, values in zip(live, results, strict=True):
-            if values is None:
-                r.reject(f"signal_error_{signal.name}", r.error or "the model failed on this input")
+            if isinstance(values, ItemError):
+                self._signal_error(signal.name, r, values.error)
                 continue
             r.values.update(values)
             verdict = first_failure(values, rules)
             if verdict is not None:
                 r.reject(verdict.reason, verdict.detail)
 
-    def _on_pool(self, signal: Signal, live: list[_Row]) -> tuple[list[_Row], list[dict[str, Any] | None]]:
-        """Prepare here (the decode stays in this task), infer on the signal's actors."""
+    def _signal_error(self, name: str, row: _Row, error: str) -> None:
+        self.failed[name] += 1
+        self.first_error.setdefault(name, error)
+        row.reject(f"signal_error_{name}", error)
+
+    def check_errors(self) -> None:
+        """Raise ``SignalFailing`` when a signal has failed on too many of this shard's rows."""
+        limit = self.cfg.run.max_signal_error_fraction
+        for name, failed in self.failed.items():
+            if failed >= MIN_ERRORS_TO_FAIL and failed > limit * self.tried[name]:
+                raise SignalFailing(
+                    f"signal {name} failed on {failed} of the {self.tried[name]} rows it ran on so far in this shard "
+                    f"(more than run.max_signal_error_fraction {limit:g}); its first error: {self.first_error[name]}")
+
+    def _on_pool(self, signal: Signal, live: list[_Row]) -> tuple[list[_Row], list[dict[str, Any] | ItemError]]:
+        """Prepare here (the decode stays in this task), infer on the signal's actors. A row
+        whose preparation fails counts as the signal failing on it."""
         prepared, rows = [], []
         for r in live:
             try:
                 prepared.append(signal.prepare(r.sample))
                 rows.append(r)
             except Exception as exc:
-                r.reject(f"signal_error_{signal.name}", f"{type(exc).__name__}: {exc}")
+                self.tried[signal.name] += 1
+                self._signal_error(signal.name, r, f"{type(exc).__name__}: {exc}")
         return rows, infer_on_pool(self.pools[signal.name], prepared, signal.params.batch_size)
 
     @staticmethod
-    def _one(signal: Signal, row: _Row) -> dict[str, Any] | None:
+    def _one(signal: Signal, row: _Row) -> dict[str, Any] | ItemError:
         try:
             return signal.compute(row.sample)
         except Exception as exc:
-            row.error = f"{type(exc).__name__}: {exc}"
-            return None
+            return ItemError(f"{type(exc).__name__}: {exc}")
 
     def score_batch(self, batch: pa.RecordBatch, kept_keys: set[str]) -> BatchResult:
         rows = [_Row(d["key"], d["source"], d["caption"], d["meta"], d["image"]) for d in batch.to_pylist()]
@@ -163,6 +193,7 @@ class Chain:
                     row.reject("duplicate_key", f"key {row.key!r} already kept from this source shard")
                 kept_keys.add(row.key)
         decodes = sum(r.sample.image.decodes for r in rows if r.sample)
+        self.check_errors()
         return BatchResult(self._kept(rows), self._rejects(rows), decodes)
 
     def _kept(self, rows: list[_Row]) -> pa.RecordBatch:

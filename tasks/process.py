@@ -16,7 +16,12 @@ from schemas.config import CurateConfig
 from tasks.actors import Pools
 from tasks.chain import Chain
 from tasks.shards import Manifest, PartWriter, clear_partial
-from tasks.sources import SourceShard, read_shard
+from tasks.sources import SourceShard, fingerprint, read_shard
+
+
+class SourceChanged(RuntimeError):
+    """The shard's file changed while it was read (still being written, say): its rows may be
+    incomplete, so it is not recorded as done; a retry or a later run reads it again."""
 
 
 @dataclass
@@ -29,6 +34,7 @@ class ShardResult:
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    fingerprint: dict = field(default_factory=dict)  # tasks.sources.fingerprint, when read
 
     @property
     def rows(self) -> int:
@@ -51,17 +57,25 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, pools: Pools
                          cfg.output.max_bytes_per_shard, cfg.output.row_group_rows)
         for kind, schema in (("shards", chain.kept_schema), ("rejects", chain.reject_schema))
     }
-    result = ShardResult(shard.shard_id, shard.path)
+    result = ShardResult(shard.shard_id, shard.path, fingerprint=fingerprint(shard))
     reasons: Counter[str] = Counter()
     kept_keys: set[str] = set()
-    for batch in read_shard(shard, cfg.source, cfg.decode.max_file_bytes):
-        scored = chain.score_batch(batch, kept_keys)
-        writers["shards"].add(scored.kept)
-        writers["rejects"].add(scored.rejects)
-        reasons.update(scored.rejects.column("reason").to_pylist())
-        result.decodes += scored.decodes
-    for writer in writers.values():
-        writer.flush()
+    try:
+        for batch in read_shard(shard, cfg.source, cfg.decode.max_file_bytes):
+            scored = chain.score_batch(batch, kept_keys)
+            writers["shards"].add(scored.kept)
+            writers["rejects"].add(scored.rejects)
+            reasons.update(scored.rejects.column("reason").to_pylist())
+            result.decodes += scored.decodes
+        for writer in writers.values():
+            writer.flush()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    if fingerprint(shard) != result.fingerprint:
+        raise SourceChanged(f"{shard.path} changed while it was read; it is not recorded as done "
+                            "(read again by a retry or the next run)")
     for writer in writers.values():
         result.files += writer.publish()
     shutil.rmtree(out / "_tmp" / shard.shard_id, ignore_errors=True)

@@ -1,17 +1,20 @@
 """Fan a source out over Ray, one task per source shard, skipping shards already done.
 
 Tasks get a shard (a path) and the config and return a few counts, so the driver's
-memory does not grow with the data. A bounded window of tasks in flight keeps the driver
-from queueing millions of refs at once. A shard that fails after its retries is recorded
-in the summary and the rest of the run goes on.
+memory does not grow with the data. At most ``run.workers`` shard tasks are in flight: a
+task that waits on a model pool gives its CPU back to Ray, which would otherwise start
+another shard (and its memory) in its place. A shard that fails after its retries is
+recorded in the summary and the rest of the run goes on; a failure that every shard would
+meet (a signal failing on most rows, a full or read-only output) stops the run at once
+(``RunAborted``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
-import math
-import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,13 +23,16 @@ from typing import Any
 
 import ray
 
-from schemas.config import ConfigError, CurateConfig, RunConfig
+from schemas.config import ConfigError, CurateConfig, config_differences
 from tasks.actors import Pools, pool_resources, start_pools, stop_pools
+from tasks.chain import SignalFailing
+from tasks.cluster import ensure_ray
 from tasks.dedupe import dedupe_keys
+from tasks.lock import note_ray, output_lock, watch_ray
 from tasks.process import ShardResult, process_shard
 from tasks.shards import Manifest, write_atomic
-from tasks.signals import build_signals, unavailable_signals
-from tasks.sources import SourceShard, discover
+from tasks.signals import build_signals, registry, unavailable_signals
+from tasks.sources import SourceShard, discover, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,36 @@ Progress = Callable[[ShardResult, "RunSummary"], None]
 
 class RunConfigMismatch(RuntimeError):
     """The output folder holds a run made with another config or mode."""
+
+
+class SourceChangedSinceDone(RuntimeError):
+    """Shards recorded as done have changed since, and ``source.changed`` is ``refuse``."""
+
+
+class RunAborted(RuntimeError):
+    """A failure no retry or other shard can get past: the run stopped; a rerun resumes."""
+
+
+# Errors of the output's file system that every shard would meet.
+FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
+
+
+def fatal_reason(exc: BaseException) -> str | None:
+    """The message to stop the run with, or None for a failure of this shard alone."""
+    if isinstance(exc, SignalFailing):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"cannot write the output{where}: {exc.strerror or exc}"
+    return None
+
+
+@dataclass
+class Fatal:
+    """What a shard task returns instead of raising, so that Ray does not retry it."""
+
+    shard_id: str
+    message: str
 
 
 @dataclass
@@ -60,46 +96,33 @@ class RunSummary:
         return self.__dict__ | {"failed": dict(self.failed)}
 
 
-def ensure_ray(run: RunConfig, extra_cpus: float = 0.0) -> None:
-    """Join ``run.ray_address`` or RAY_ADDRESS if set, else start a local runtime with
-    ``run.workers`` CPUs for shard tasks plus what the model actor pools reserve (a shard
-    task waiting on an actor holds no CPU). ``address="local"`` never attaches to a stale
-    cluster file."""
-    if ray.is_initialized():
-        return
-    address = run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=run.workers + math.ceil(extra_cpus), include_dashboard=False,
-                 runtime_env=env, log_to_driver=False)
-
-
 # Settings that change where and how the work runs, not which rows are kept: free to change on resume.
-_RESUMABLE_SECTIONS = ("run", "output")
+RESUMABLE = ("run", "output", "source.changed")
 
 
-def _what_decides(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config as the current code reads it (defaults added since the run started filled in),
-    without the sections a resume may change."""
-    data = {k: v for k, v in cfg.items() if k not in _RESUMABLE_SECTIONS}
-    return {k: v for k, v in CurateConfig.model_validate(data).model_dump(mode="json").items()
-            if k not in _RESUMABLE_SECTIONS}
+def _as_read_now(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A stored config as the current code reads it: defaults added since the run started
+    filled in, each signal's parameters with their defaults (``ocr: {}`` is ``det_side: 320``)."""
+    try:
+        data = CurateConfig.model_validate(cfg).model_dump(mode="json")
+    except ValueError:  # a key this code no longer knows: compare as stored
+        return cfg
+    known = registry()
+    data["signals"] = {name: known[name].Params.model_validate(params or {}).model_dump(mode="json")
+                       for name, params in data["signals"].items()}
+    return data
 
 
-def guard_run_config(out: Path, mode: str, cfg: CurateConfig, source: str) -> None:
-    """Resuming with another config would mix two curations in one folder: refuse, naming what differs."""
+def guard_run_config(out: Path, mode: str, cfg: CurateConfig, source: str, *, write: bool = True) -> None:
+    """Resuming with another config would mix two curations in one folder: refuse, naming the
+    settings that differ. ``write=False`` only checks (nothing is written before the run is
+    sure to start)."""
     stamp = out / "_run.json"
     current = {"mode": mode, "source": str(Path(source).resolve()), "config": cfg.model_dump(mode="json")}
     if stamp.exists():
         before = json.loads(stamp.read_text())
-        try:
-            before_cfg = _what_decides(before.get("config", {}))
-        except ValueError:  # a key this code no longer knows
-            before_cfg = before.get("config", {})
-        now_cfg = _what_decides(current["config"])
-        differ = sorted(k for k in before_cfg.keys() | now_cfg.keys() if before_cfg.get(k) != now_cfg.get(k))
+        differ = config_differences(_as_read_now(before.get("config", {})), _as_read_now(current["config"]),
+                                    RESUMABLE)
         differ += [k for k in ("mode", "source") if before.get(k) != current[k]]
         if differ:
             raise RunConfigMismatch(
@@ -107,13 +130,20 @@ def guard_run_config(out: Path, mode: str, cfg: CurateConfig, source: str) -> No
                 f"{', '.join(differ)}; use a new --out, or remove the folder to start over"
             )
         return
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(stamp, json.dumps(current, indent=1, sort_keys=True).encode())
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(stamp, json.dumps(current, indent=1, sort_keys=True).encode())
 
 
-def _process_remote(shard: SourceShard, cfg: CurateConfig, out: str, pools: Pools,
-                    skip: frozenset[str]) -> ShardResult:
-    return process_shard(shard, cfg, Path(out), pools, skip)
+def _process_guarded(shard: SourceShard, cfg: CurateConfig, out: str, pools: Pools | None,
+                     skip: frozenset[str]) -> ShardResult | Fatal:
+    """One shard; a fatal failure comes back as ``Fatal`` (not retried), anything else raises."""
+    try:
+        return process_shard(shard, cfg, Path(out), pools, skip)
+    except Exception as exc:
+        if (message := fatal_reason(exc)) is not None:
+            return Fatal(shard.shard_id, message)
+        raise
 
 
 def plan_signals(cfg: CurateConfig) -> frozenset[str]:
@@ -141,7 +171,8 @@ def run(
 ) -> RunSummary:
     """Curate (or, with mode="analyze", score without rules) every not-yet-done shard.
     ``shards`` limits the run to some of the source's shards (the Prefect flow's groups);
-    ``dedupe=False`` leaves the cross-shard key pass to the caller, to run once at the end."""
+    ``dedupe=False`` leaves the cross-shard key pass to the caller, to run once at the end.
+    Holds the output's lock throughout (``tasks.lock``)."""
     started = time.perf_counter()
     if mode == "analyze":
         cfg = cfg.without_rules()
@@ -150,40 +181,82 @@ def run(
     out = Path(out)
     skip = plan_signals(cfg)
     shards = shards if shards is not None else discover(source, cfg.source)
-    guard_run_config(out, mode, cfg, str(source))
-    done = Manifest(out).done_ids()
-    todo = [s for s in shards if s.shard_id not in done]
-    summary = RunSummary(mode, str(source), str(out), len(shards), len(shards) - len(todo))
+    guard_run_config(out, mode, cfg, str(source), write=False)
+    with output_lock(out, f"t2i {mode} --source {source}"):
+        todo = plan_shards(out, shards, cfg)
+        summary = RunSummary(mode, str(source), str(out), len(shards), len(shards) - len(todo))
+        models = [s for s in build_signals(cfg.signals) if s.uses_actor and s.name not in skip]
+        if todo and use_ray:  # join (or start) Ray before anything is written
+            pool_cpus, pool_gpus = pool_resources(models)
+            if ensure_ray(cfg.run, extra_cpus=pool_cpus):
+                watch_ray()
+                note_ray(out)
+            _check_fits(pool_cpus, pool_gpus)
+        guard_run_config(out, mode, cfg, str(source))
+        shutil.rmtree(out / "_tmp", ignore_errors=True)  # attempts of killed runs (the lock says none is live)
 
-    def finished(result: ShardResult) -> None:
-        summary.add(result)
-        if progress:
-            progress(result, summary)
+        def finished(result: ShardResult) -> None:
+            summary.add(result)
+            if progress:
+                progress(result, summary)
 
-    if not use_ray:
-        for shard in todo:
-            try:
-                finished(process_shard(shard, cfg, out, skip=skip))
-            except Exception as exc:
-                log.exception("shard %s failed", shard.shard_id)
-                summary.failed[shard.shard_id] = f"{type(exc).__name__}: {exc}"
-    else:
-        _run_on_ray(todo, cfg, out, summary, finished, skip)
-    summary.duplicates_moved = dedupe_keys(out) if dedupe else 0
+        if use_ray:
+            _run_on_ray(todo, cfg, out, summary, finished, skip, models)
+        else:
+            _run_here(todo, cfg, out, summary, finished, skip)
+        summary.duplicates_moved = dedupe_keys(out) if dedupe else 0
     summary.kept -= summary.duplicates_moved
     summary.rejected += summary.duplicates_moved
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 
 
+def plan_shards(out: Path, shards: list[SourceShard], cfg: CurateConfig) -> list[SourceShard]:
+    """The shards to do: those not done, and those done whose source file changed since
+    (``source.changed: recurate``; ``refuse`` raises, naming them)."""
+    manifest = Manifest(out)
+    done = manifest.done_ids()
+    changed = [s for s in shards if s.shard_id in done and _changed(manifest, s)]
+    if changed and cfg.source.changed == "refuse":
+        names = ", ".join(s.path for s in changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise SourceChangedSinceDone(
+            f"{len(changed)} source shard(s) changed since they were curated into {out}: {names}; set "
+            "source.changed: recurate to curate them again (their old rows are replaced), or use a new --out")
+    for shard in changed:
+        log.warning("%s changed since it was curated; curating it again", shard.path)
+        manifest.forget(shard.shard_id)
+    redo = {s.shard_id for s in changed}
+    return [s for s in shards if s.shard_id not in done or s.shard_id in redo]
+
+
+def _changed(manifest: Manifest, shard: SourceShard) -> bool:
+    recorded = manifest.entry(shard.shard_id).get("fingerprint")
+    if not recorded:  # recorded by a version that kept no fingerprint: nothing to compare
+        return False
+    try:
+        return fingerprint(shard) != recorded
+    except OSError:
+        return True
+
+
+def _run_here(todo: list[SourceShard], cfg: CurateConfig, out: Path, summary: RunSummary,
+              finished: Callable[[ShardResult], None], skip: frozenset[str]) -> None:
+    for shard in todo:
+        try:
+            result = _process_guarded(shard, cfg, str(out), None, skip)
+        except Exception as exc:
+            log.exception("shard %s failed", shard.shard_id)
+            summary.failed[shard.shard_id] = f"{type(exc).__name__}: {exc}"
+            continue
+        if isinstance(result, Fatal):
+            raise RunAborted(f"shard {result.shard_id}: {result.message}")
+        finished(result)
+
+
 def _run_on_ray(todo: list[SourceShard], cfg: CurateConfig, out: Path, summary: RunSummary,
-                finished: Callable[[ShardResult], None], skip: frozenset[str]) -> None:
+                finished: Callable[[ShardResult], None], skip: frozenset[str], models: list) -> None:
     if not todo:
         return
-    models = [s for s in build_signals(cfg.signals) if s.uses_actor and s.name not in skip]
-    pool_cpus, pool_gpus = pool_resources(models)
-    ensure_ray(cfg.run, extra_cpus=pool_cpus)
-    _check_fits(pool_cpus, pool_gpus)
     pools = start_pools(models)
     try:
         _dispatch(todo, cfg, out, summary, finished, pools, skip)
@@ -206,22 +279,27 @@ def _check_fits(pool_cpus: float, pool_gpus: float) -> None:
 
 def _dispatch(todo: list[SourceShard], cfg: CurateConfig, out: Path, summary: RunSummary,
               finished: Callable[[ShardResult], None], pools: Pools, skip: frozenset[str]) -> None:
-    remote = ray.remote(_process_remote).options(num_cpus=1, max_retries=cfg.run.task_retries,
-                                                  retry_exceptions=cfg.run.task_retries > 0)
+    remote = ray.remote(_process_guarded).options(num_cpus=1, max_retries=cfg.run.task_retries,
+                                                   retry_exceptions=cfg.run.task_retries > 0)
     cfg_ref = ray.put(cfg)
-    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: dict[Any, SourceShard] = {}
     queue = list(reversed(todo))
     while queue or pending:
-        while queue and len(pending) < window:
+        while queue and len(pending) < cfg.run.workers:
             shard = queue.pop()
             pending[remote.remote(shard, cfg_ref, str(out), pools, skip)] = shard
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             shard = pending.pop(ref)
             try:
-                finished(ray.get(ref))
+                result = ray.get(ref)
             except Exception as exc:
                 cause = getattr(exc, "cause", None) or exc
                 log.error("shard %s failed: %s", shard.shard_id, cause)
                 summary.failed[shard.shard_id] = f"{type(cause).__name__}: {cause}"
+                continue
+            if isinstance(result, Fatal):
+                for other in pending:
+                    ray.cancel(other, force=True)
+                raise RunAborted(f"shard {result.shard_id}: {result.message}")
+            finished(result)

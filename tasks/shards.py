@@ -70,6 +70,13 @@ class Manifest:
             return []
         return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
 
+    def entry(self, shard_id: str) -> dict[str, Any]:
+        return json.loads((self.dir / f"{shard_id}.json").read_text())
+
+    def forget(self, shard_id: str) -> None:
+        """Mark a shard not done (its source changed): the next attempt redoes it whole."""
+        (self.dir / f"{shard_id}.json").unlink(missing_ok=True)
+
 
 def clear_partial(out: Path, shard_id: str) -> None:
     """Remove whatever an interrupted attempt at this shard left behind."""
@@ -80,16 +87,23 @@ def clear_partial(out: Path, shard_id: str) -> None:
 
 
 class PartWriter:
-    """Collects batches of one kind for one source shard and cuts parts by rows or bytes."""
+    """Streams batches of one kind for one source shard into parts, cut by rows or bytes.
+
+    Rows go to the open part's file a row group at a time, so a shard task holds at most one
+    row group of output (plus the input batch being scored), whatever ``max_rows`` is: memory
+    does not grow with part size. Files are written under ``_tmp/`` and moved into place by
+    ``publish`` once the whole shard is done."""
 
     def __init__(self, out: Path, kind: str, shard_id: str, schema: pa.Schema, max_rows: int, max_bytes: int,
                  row_group_rows: int = ROW_GROUP_ROWS):
         self.out, self.kind, self.shard_id, self.schema = out, kind, shard_id, schema
         self.max_rows, self.max_bytes, self.row_group_rows = max_rows, max_bytes, row_group_rows
         self.tmp_dir = out / "_tmp" / shard_id
-        self.pending: list[pa.RecordBatch] = []
+        self.pending: list[pa.RecordBatch] = []  # rows not yet in a row group
         self.pending_rows = 0
-        self.pending_bytes = 0
+        self.part_rows = 0  # rows in the open part, written or pending
+        self.part_bytes = 0
+        self.writer: pq.ParquetWriter | None = None
         self.parts: list[str] = []
         self.count = 0
 
@@ -98,23 +112,50 @@ class PartWriter:
         by at most one batch."""
         self.count += batch.num_rows
         while batch.num_rows:
-            room = self.max_rows - self.pending_rows
+            room = self.max_rows - self.part_rows
             head, batch = batch.slice(0, room), batch.slice(room)
             self.pending.append(head)
             self.pending_rows += head.num_rows
-            self.pending_bytes += head.nbytes
-            if self.pending_rows >= self.max_rows or self.pending_bytes >= self.max_bytes:
+            self.part_rows += head.num_rows
+            self.part_bytes += head.nbytes
+            if self.pending_rows >= self.row_group_rows:
+                self._write_pending()
+            if self.part_rows >= self.max_rows or self.part_bytes >= self.max_bytes:
                 self.flush()
 
-    def flush(self) -> None:
+    def _write_pending(self) -> None:
         if not self.pending_rows:
             return
-        name = f"{self.shard_id}.part{len(self.parts):05d}.parquet"
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_batches(self.pending, schema=self.schema)
-        write_table_atomic(self.tmp_dir / f"{self.kind}-{name}", table, self.row_group_rows)
-        self.parts.append(name)
-        self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
+        if self.writer is None:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self._tmp_path(len(self.parts)), self.schema, compression="zstd")
+        self.writer.write_table(pa.Table.from_batches(self.pending, schema=self.schema),
+                                row_group_size=self.row_group_rows)
+        self.pending, self.pending_rows = [], 0
+
+    def _tmp_path(self, index: int) -> Path:
+        return self.tmp_dir / f"{self.kind}-{self._name(index)}"
+
+    def _name(self, index: int) -> str:
+        return f"{self.shard_id}.part{index:05d}.parquet"
+
+    def flush(self) -> None:
+        """Close the open part (on disk, fsynced); the next rows start a new one."""
+        self._write_pending()
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.writer = None
+        with open(self._tmp_path(len(self.parts)), "rb") as fh:  # on disk before the manifest says done
+            os.fsync(fh.fileno())
+        self.parts.append(self._name(len(self.parts)))
+        self.part_rows, self.part_bytes = 0, 0
+
+    def abort(self) -> None:
+        """Close an open file after a failure, so the attempt's leftovers can be removed."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def publish(self) -> list[str]:
         """Move finished parts into ``{kind}/``; call after ``flush``."""

@@ -33,7 +33,7 @@ def run_training(cfg: TrainConfig, out: str | Path) -> TrainResult:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tasks.runner import ensure_ray
+    from tasks.cluster import ensure_ray
 
     ensure_ray(RunConfig(workers=cfg.scale.workers, ray_address=cfg.scale.ray_address))
     backend = cfg.scale.backend or ("nccl" if cfg.scale.use_gpu else "gloo")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -11,7 +14,7 @@ from schemas.config import SourceConfig
 from tasks.sources import folder, parquet, webdataset
 from tasks.sources.base import DEFAULT_MAX_MEMBER_BYTES, IMAGE_EXTENSIONS, SourceError, SourceShard
 
-__all__ = ["SourceError", "SourceShard", "detect_kind", "discover", "read_shard"]
+__all__ = ["SourceError", "SourceShard", "detect_kind", "discover", "fingerprint", "read_shard"]
 
 _READERS: dict[str, Callable[[SourceShard, SourceConfig, int], Iterator[pa.RecordBatch]]] = {
     "webdataset": webdataset.read,
@@ -55,3 +58,23 @@ def read_shard(shard: SourceShard, cfg: SourceConfig,
                max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[pa.RecordBatch]:
     """Record batches of one source shard; members over ``max_member_bytes`` are never read."""
     return _READERS[shard.kind](shard, cfg, max_member_bytes)
+
+
+def fingerprint(shard: SourceShard) -> dict[str, Any]:
+    """What tells that a source shard changed: its file's size and modification time (for a
+    folder chunk, a digest of every member's and caption's). Recorded in the manifest when the
+    shard is done, compared again after reading it and on every later run."""
+    if shard.kind != "folder":
+        st = os.stat(shard.path)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    digest = hashlib.blake2b(digest_size=12)
+    root = Path(shard.path)
+    for rel in shard.members:
+        image = root / rel
+        for path in (image, image.with_suffix(".txt")):
+            try:
+                st = path.stat()
+                digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            except OSError:
+                digest.update(f"{path}\0absent\n".encode("utf-8", "surrogateescape"))
+    return {"files": len(shard.members), "digest": digest.hexdigest()}
