@@ -203,8 +203,11 @@ def timed_run(name: str, corpus: Path, shards: list[SourceShard], workers: int) 
         started = time.perf_counter()
         ensure_ray(cfg.run)
         ray_up = time.perf_counter()
-        summary = run(corpus, out, cfg, mode="curate", use_ray=True, shards=shards,
-                      progress=lambda result, _: finished.append((time.perf_counter(), result.seconds)))
+        def done(result, _summary) -> None:
+            if result is not None:  # None: the work has started
+                finished.append((time.perf_counter(), result.seconds))
+
+        summary = run(corpus, out, cfg, mode="curate", use_ray=True, shards=shards, progress=done)
         run_end = time.perf_counter()
         ray.shutdown()
     shutil.rmtree(out, ignore_errors=True)  # kept rows carry the image bytes: as big as the corpus

@@ -60,7 +60,7 @@ def curate_group(source: str, out: str, config: str | None, mode: str, shards: l
     group = [SourceShard(s["shard_id"], s["kind"], s["path"], tuple(s["members"])) for s in shards]
 
     def report(result, _summary: RunSummary) -> None:
-        if progress is not None:
+        if progress is not None and result is not None:
             progress.shard_done(result.rows, result.kept)
 
     try:

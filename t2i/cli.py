@@ -13,33 +13,37 @@ from schemas.config import ConfigError, load_config
 from tasks.sources import SourceError
 
 
-def _progress_bar(total: int, initial: int):
-    from tqdm import tqdm
+class _ProgressBar:
+    """A tqdm bar on stderr, drawn from the moment the run starts its work (not before, so a run
+    refused at start prints only its error line)."""
 
-    bar = tqdm(total=total, initial=initial, unit="shard", dynamic_ncols=True, file=sys.stderr)
+    def __init__(self) -> None:
+        self.bar = None
 
-    def update(result, summary) -> None:
-        bar.update(1)
-        bar.set_postfix(kept=summary.kept, rejected=summary.rejected, refresh=False)
+    def __call__(self, result, summary) -> None:
+        from tqdm import tqdm
 
-    return bar, update
+        if self.bar is None:
+            self.bar = tqdm(total=summary.shards_total, initial=summary.shards_skipped, unit="shard",
+                            dynamic_ncols=True, file=sys.stderr)
+        if result is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(kept=summary.kept, rejected=summary.rejected, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _cmd_run(args: argparse.Namespace, mode: str) -> int:
     from tasks.runner import run
-    from tasks.sources import discover
 
     cfg = load_config(args.config)
     if args.workers:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workers": args.workers})})
-    shards = discover(args.source, cfg.source)
-    from tasks.shards import Manifest
-
-    done = len({s.shard_id for s in shards} & Manifest(Path(args.out)).done_ids())
-    bar, update = _progress_bar(len(shards), done)
+    bar = _ProgressBar()
     try:
-        summary = run(args.source, args.out, cfg, mode=mode, progress=update, shards=shards,
-                      use_ray=not args.no_ray)
+        summary = run(args.source, args.out, cfg, mode=mode, progress=bar, use_ray=not args.no_ray)
     finally:
         bar.close()
     _print(json.dumps(summary.to_dict(), indent=1))

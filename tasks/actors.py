@@ -130,8 +130,8 @@ def infer_on_pool(handles: list[Any], inputs: list[Any], batch_size: int) -> lis
         try:
             out += ray.get(ref)
             continue
-        except ray.exceptions.RayTaskError:  # the model raised: find the input(s), keep the rest
-            log.warning("the model raised on a batch; retrying its inputs one by one", exc_info=True)
+        except ray.exceptions.RayTaskError as exc:  # the model raised: find the input(s), keep the rest
+            log.warning("the model raised on a batch (%s); retrying its inputs one by one", _cause_text(exc))
         except ray.exceptions.RayError:  # the actor died: likely no fault of this batch, send it again
             log.warning("a model actor died during a batch; sending the batch again")
             try:

@@ -32,6 +32,7 @@ class ShardResult:
     rejected: int = 0
     decodes: int = 0
     seconds: float = 0.0
+    started_at: float = 0.0  # Unix time: for straggler and overlap analysis
     reasons: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     fingerprint: dict = field(default_factory=dict)  # tasks.sources.fingerprint, when read
@@ -48,7 +49,7 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, pools: Pools
                   skip: frozenset[str] = frozenset()) -> ShardResult:
     """Curate one shard into ``out``. Safe to call again after a crash: it clears the
     leftovers of an earlier attempt first, and publishes atomically per part."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     out = Path(out)
     chain = Chain(cfg, pools, skip)
     clear_partial(out, shard.shard_id)
@@ -57,7 +58,7 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, pools: Pools
                          cfg.output.max_bytes_per_shard, cfg.output.row_group_rows)
         for kind, schema in (("shards", chain.kept_schema), ("rejects", chain.reject_schema))
     }
-    result = ShardResult(shard.shard_id, shard.path, fingerprint=fingerprint(shard))
+    result = ShardResult(shard.shard_id, shard.path, started_at=round(started_at, 3), fingerprint=fingerprint(shard))
     reasons: Counter[str] = Counter()
     kept_keys: set[str] = set()
     try:

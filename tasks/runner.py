@@ -36,7 +36,8 @@ from tasks.sources import SourceShard, discover, fingerprint
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[ShardResult, "RunSummary"], None]
+# Called with None once the work starts (Ray joined, the run stamped), then after every shard.
+Progress = Callable[[ShardResult | None, "RunSummary"], None]
 
 
 class RunConfigMismatch(RuntimeError):
@@ -199,6 +200,9 @@ def run(
             summary.add(result)
             if progress:
                 progress(result, summary)
+
+        if progress:
+            progress(None, summary)
 
         if use_ray:
             _run_on_ray(todo, cfg, out, summary, finished, skip, models)
