@@ -22,6 +22,11 @@ PROJECT = Path(__file__).resolve().parents[1]
 POOL = "t2i-local"
 
 
+class StackError(RuntimeError):
+    """The local stack cannot be brought up (or the server named by PREFECT_API_URL does not
+    answer); the message says what to do."""
+
+
 def state_dir() -> Path:
     return Path(os.environ.get("T2I_STATE_DIR", PROJECT / ".t2i")).resolve()
 
@@ -91,14 +96,14 @@ def _wait(what: str, check, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not come up within {timeout_s:.0f} s; see the logs in {state_dir()}")
+            raise StackError(f"{what} did not come up within {timeout_s:.0f} s; see the logs in {state_dir()}")
         time.sleep(0.25)
 
 
 def _run(args: list[str], env: dict[str, str]) -> None:
     result = subprocess.run(args, env=env, cwd=PROJECT, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[1:])} failed:\n{result.stdout}\n{result.stderr}")
+        raise StackError(f"{' '.join(args[1:])} failed:\n{result.stdout}\n{result.stderr}")
 
 
 def up(port: int = 4200) -> Stack:
@@ -108,6 +113,9 @@ def up(port: int = 4200) -> Stack:
     existing = os.environ.get("PREFECT_API_URL")
     if existing:
         api_url, server_pid = existing.rstrip("/"), None
+        if not healthy(api_url):
+            raise StackError(f"nothing answers at PREFECT_API_URL={existing} (no {api_url}/health); start that "
+                             "server, or unset PREFECT_API_URL and run `t2i up` to start a local one")
     elif before and before.server_pid and alive(before.server_pid) and healthy(before.api_url):
         api_url, server_pid = before.api_url, before.server_pid
     else:
@@ -117,7 +125,7 @@ def up(port: int = 4200) -> Stack:
                             "server.log", env)
         _wait("the Prefect server", lambda: healthy(api_url) or not alive(server_pid), 90)
         if not alive(server_pid):
-            raise RuntimeError(f"the Prefect server exited; see {state_dir() / 'server.log'}")
+            raise StackError(f"the Prefect server exited; see {state_dir() / 'server.log'}")
     env = prefect_env(api_url)
     _run([_prefect(), "--no-prompt", "work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
     _run([_prefect(), "--no-prompt", "deploy", "--all"], env)

@@ -145,10 +145,12 @@ def _stdout_to_stderr() -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user causes (config, input, output, services): one line, exit 2."""
+    from pipelines.stack import StackError
     from tasks.lock import OutputLocked
     from tasks.runner import RunAborted, RunConfigMismatch, SourceChangedSinceDone
 
-    return (ConfigError, SourceError, OSError, OutputLocked, RunAborted, RunConfigMismatch, SourceChangedSinceDone)
+    return (ConfigError, SourceError, OSError, OutputLocked, RunAborted, RunConfigMismatch, SourceChangedSinceDone,
+            StackError)
 
 
 def _describe(exc: BaseException) -> str:

@@ -3,6 +3,7 @@ most rows, two runs on one output, a source that changes, an output that cannot 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -274,3 +275,61 @@ def test_stdout_holds_only_the_summary_with_ray(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["shards_done"] == 1
     stats = cli("stats", str(tmp_path / "out"), "--json")
     assert json.loads(stats.stdout)["kept"] == json.loads(result.stdout)["kept"]
+
+
+def test_t2i_up_towards_a_server_that_does_not_answer_says_so(tmp_path: Path) -> None:
+    result = subprocess.run([str(Path(sys.executable).with_name("t2i")), "up"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api",
+                                              "T2I_STATE_DIR": str(tmp_path / "state")})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: nothing answers at PREFECT_API_URL=http://127.0.0.1:9/api")
+    assert "unset PREFECT_API_URL" in result.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def token_cluster():
+    """A real Ray head started with token authentication (``ray start --head --block``), stopped
+    by killing the process tree it started."""
+    import psutil
+
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             f"--port={port}", "--num-cpus=3", "--include-dashboard=false",
+                             "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run([sys.executable, "-c", "import socket,sys; socket.create_connection(('127.0.0.1', "
+                              f"{port}), 1)"], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and head.poll() is None, "the Ray head did not come up"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        tree = [head.pid, *(c.pid for c in psutil.Process(head.pid).children(recursive=True))]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        head.wait()
+
+
+@pytest.mark.slow
+def test_joining_a_token_auth_cluster_says_what_to_set(tmp_path: Path, token_cluster: str) -> None:
+    write_webdataset(tmp_path / "src" / "a.tar", photo_samples())
+    (tmp_path / "c.yaml").write_text(CHEAP)
+    args = ["curate", "--source", str(tmp_path / "src"), "--config", str(tmp_path / "c.yaml")]
+    refused = cli(*args, "--out", str(tmp_path / "no"), env={"RAY_ADDRESS": token_cluster, "RAY_AUTH_MODE": "disabled"})
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "token authentication: set RAY_AUTH_MODE=token" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "no" / "_run.json").exists()
+    joined = cli(*args, "--out", str(tmp_path / "yes"), env={"RAY_ADDRESS": token_cluster, "RAY_AUTH_MODE": "token"})
+    assert joined.returncode == 0, joined.stderr
+    assert json.loads(joined.stdout)["shards_done"] == 1
