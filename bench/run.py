@@ -15,6 +15,8 @@ samples/s per core (see bench/train.py). All use the same synthetic corpus (see 
   output folder each time; ``ray.init`` is timed apart from the run.
 - ``rss_growth``: the peak summed RSS of this process and its children (Ray workers) over a
   corpus 10x larger vs the small one; a streaming pipeline should stay flat.
+- ``rss_growth_default``: the same with the default config (faces, BRISQUE and OCR in actor
+  pools) on 5x the tars: shard tasks waiting on a pool must not let more shards start.
 
 The table printed at the end says what passed; ``bench-results.json`` at the repo root gets
 these figures merged in (other keys, from other benchmarks, are kept).
@@ -43,10 +45,11 @@ from bench import models
 from bench.corpus import REPO, CorpusSpec, build_corpus
 from bench.memory import TreeSampler
 from schemas.config import CurateConfig
+from tasks.actors import pool_resources
 from tasks.chain import Chain
 from tasks.cluster import ensure_ray
 from tasks.runner import run
-from tasks.signals import registry
+from tasks.signals import build_signals, registry
 from tasks.sources import SourceShard, discover, read_shard
 
 BENCH_OUT = REPO / "bench-out"
@@ -58,6 +61,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "chain_cost_vs_decode": ("<=", 1.5),
     "workers_speedup": (">=", 1.7),
     "rss_growth": ("<=", 1.2),
+    "rss_growth_default": ("<=", 1.2),
     **models.TARGETS,
 }
 
@@ -76,6 +80,8 @@ class Plan:
     train_steps: int  # measured steps per loop and round, trainer vs minimal loop (~0.05 s each)
     train_rounds: int  # rounds alternating the two loops
     loader_batches: int  # batches of 4 per loader side (512 px: ~0.04 s each)
+    default_rss_per_tar: int = 25  # the default-config memory runs: small images, small tars,
+    default_rss_tars: int = 4  # this many tars vs 5x as many, so many shards pass through
     repeats: int = 2  # decode and chain passes, interleaved; the best of each is reported
 
     @property
@@ -89,7 +95,7 @@ PLANS = {
     # Fits in a minute on 2 cores from a cold cache: small tars keep 4 of them in the small corpus.
     # model_images went 6 -> 4 to make room for the train section (~8 s, half of it importing torch).
     "quick": Plan("quick", small_samples=200, per_tar=50, speedup_tars=8, compare_images=200, model_images=4,
-                  train_steps=6, train_rounds=2, loader_batches=4),
+                  train_steps=6, train_rounds=2, loader_batches=4, default_rss_per_tar=4, default_rss_tars=2),
 }
 
 
@@ -184,7 +190,8 @@ def _mean_megapixels(images: list[bytes]) -> float:
 # --- the runner on Ray ----------------------------------------------------------------------
 
 
-def timed_run(name: str, corpus: Path, shards: list[SourceShard], workers: int) -> dict[str, Any]:
+def timed_run(name: str, corpus: Path, shards: list[SourceShard], workers: int,
+              cfg: CurateConfig | None = None) -> dict[str, Any]:
     """One runner call on a fresh local Ray into a fresh folder, with memory sampled throughout.
 
     ``ray.init`` is timed apart: it is paid once per job, not per image. The run time does
@@ -195,13 +202,13 @@ def timed_run(name: str, corpus: Path, shards: list[SourceShard], workers: int) 
 
     if ray.is_initialized():
         ray.shutdown()
-    cfg = bench_config(workers)
+    cfg = cfg or bench_config(workers)
     out = BENCH_OUT / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
     finished: list[tuple[float, float]] = []  # (finish time, seconds inside process_shard)
     with TreeSampler() as mem:
         started = time.perf_counter()
-        ensure_ray(cfg.run)
+        ensure_ray(cfg.run, extra_cpus=pool_resources(build_signals(cfg.signals))[0])
         ray_up = time.perf_counter()
         def done(result, _summary) -> None:
             if result is not None:  # None: the work has started
@@ -262,6 +269,22 @@ def measure_rss(corpus: Path, shards: list[SourceShard], plan: Plan) -> dict[str
     return {"small": small, "large": large, "rss_growth": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)}
 
 
+def measure_rss_default(plan: Plan, seed: int) -> dict[str, Any]:
+    """Peak tree RSS with the default config (faces, BRISQUE, OCR in actor pools), N tars vs 5N.
+    Shard tasks that wait on a pool give their CPU back to Ray; unless the runner bounds them,
+    more shards start and memory grows with the input. Small web images (0.1-0.3 MP) keep the
+    model signals' cost to a few minutes."""
+    spec = CorpusSpec(samples=5 * plan.default_rss_tars * plan.default_rss_per_tar, per_tar=plan.default_rss_per_tar,
+                      seed=seed + 1, min_mp=0.1, max_mp=0.3)
+    corpus = build_corpus(BENCH_OUT / "default-rss", spec)
+    shards = discover(corpus, CurateConfig().source)
+    cfg = CurateConfig.model_validate({"run": {"workers": 2}})
+    small = timed_run("rss-default-small", corpus, shards[: plan.default_rss_tars], workers=2, cfg=cfg)
+    large = timed_run("rss-default-large", corpus, shards, workers=2, cfg=cfg)
+    return {"small": small, "large": large,
+            "rss_growth_default": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)}
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -302,8 +325,12 @@ def print_table(results: dict[str, Any], header: str) -> None:
               f"(efficiency {x['shard_phase_efficiency']}), tail {x['tail_s']} s")
     print(f"rss: {r['small']['images']} images -> peak {r['small']['peak_rss_mb']} MB, "
           f"{r['large']['images']} images -> peak {r['large']['peak_rss_mb']} MB")
+    d = results["rss_default_runs"]
+    print(f"rss, default config (faces, quality, OCR): {d['small']['images']} images in {d['small']['tars']} tars "
+          f"-> peak {d['small']['peak_rss_mb']} MB, {d['large']['images']} in {d['large']['tars']} -> peak "
+          f"{d['large']['peak_rss_mb']} MB ({d['large']['images_per_s']} images/s on 2 workers)")
     print(f"wall seconds per step: {results['phase_s']}")
-    sections = [w["one"], w["two"], r["small"], r["large"], results["decode_vs_chain"]]
+    sections = [w["one"], w["two"], r["small"], r["large"], d["small"], d["large"], results["decode_vs_chain"]]
     others = sum(x["other_cpu_s"] for x in sections)
     print(f"CPU seconds taken by processes outside the benchmark while it measured: {others:.1f}"
           + ("  <- the machine was shared: figures are pessimistic" if others > 5 else ""))
@@ -400,6 +427,8 @@ def measure_curate(corpus: Path, shards: list[SourceShard], plan: Plan, spec: Co
     # Ray runs first, while this process is small, so its own RSS is the same in both memory runs.
     with phase(phases, "rss", "small and 10x corpus, 2 workers"):
         rss = measure_rss(corpus, shards, plan)
+    with phase(phases, "rss_default", f"default config, {plan.default_rss_tars} vs {5 * plan.default_rss_tars} tars"):
+        rss_default = measure_rss_default(plan, spec.seed)
     with phase(phases, "workers", f"1 vs 2 workers on {plan.speedup_tars} tars"):
         workers = measure_workers(corpus, shards, plan)
     with phase(phases, "decode_vs_chain", f"{plan.compare_images} images, one process"):
@@ -412,9 +441,13 @@ def measure_curate(corpus: Path, shards: list[SourceShard], plan: Plan, spec: Co
         "rss_growth": rss["rss_growth"],
         "rss_peak_small_mb": rss["small"]["peak_rss_mb"],
         "rss_peak_large_mb": rss["large"]["peak_rss_mb"],
+        "rss_growth_default": rss_default["rss_growth_default"],
+        "rss_default_peak_small_mb": rss_default["small"]["peak_rss_mb"],
+        "rss_default_peak_large_mb": rss_default["large"]["peak_rss_mb"],
         "decode_vs_chain": compare,
         "workers_runs": workers,
         "rss_runs": rss,
+        "rss_default_runs": rss_default,
         "corpus": {**asdict(spec), "path": str(corpus.relative_to(REPO)), "signals": list(SIGNALS)},
     }
 

@@ -333,3 +333,18 @@ def test_joining_a_token_auth_cluster_says_what_to_set(tmp_path: Path, token_clu
     joined = cli(*args, "--out", str(tmp_path / "yes"), env={"RAY_ADDRESS": token_cluster, "RAY_AUTH_MODE": "token"})
     assert joined.returncode == 0, joined.stderr
     assert json.loads(joined.stdout)["shards_done"] == 1
+
+
+def test_a_listener_that_is_not_ray_times_out_within_the_configured_time() -> None:
+    """Something accepts the connection but never speaks Ray: the join gives up in time."""
+    import socket
+
+    from tasks.cluster import RayUnavailable, probe
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        started = time.monotonic()
+        with pytest.raises(RayUnavailable, match=r"within 4 s \(run.ray_connect_timeout_s\)"):
+            probe(f"127.0.0.1:{server.getsockname()[1]}", 4.0)
+        assert time.monotonic() - started < 30
