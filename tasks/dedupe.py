@@ -2,19 +2,48 @@
 
 Shards run in parallel and cannot see each other's keys, so after they finish one DuckDB
 pass (out of core, however many keys) ranks every kept key by (part file, row). The first
-occurrence stays; each later one moves to ``rejects/`` as ``duplicate_key``. Per part
-file it writes the reject rows first, then rewrites the part without them, both atomic:
-a pass killed in between recomputes the same rows next time, so it is safe to run again at
-any point. A later pass can find new later occurrences in a part already cleaned (a shard whose
-files sort earlier finished in a later run): its reject file is named by a hash of the keys it
-moves, so it never overwrites the rows an earlier pass moved, while a repeat of an interrupted
-pass (same keys) rewrites its own file.
+occurrence stays; each later one moves to ``rejects/`` as ``duplicate_key``.
+
+The pass is a commit, not an edit, so a kill or a full disk at any point leaves what readers
+see consistent (no row both kept and rejected, no half-written file) and the next call
+finishes it:
+
+1. plan: the DuckDB query above;
+2. stage: every new file goes under ``_dedupe/`` (each part without its later occurrences,
+   each ``{shard_id}.partNNNNN.dupes-{hash}.parquet`` reject file, each touched shard's
+   manifest entry), fsynced. Staged Parquet files end in ``.staged``, so no ``*.parquet``
+   glob (DuckDB's and pathlib's match dot-files too) ever sees them. A failure here (ENOSPC)
+   removes ``_dedupe/`` and re-raises: nothing visible has changed;
+3. commit: ``_dedupe/journal.json``, written atomically, lists the renames;
+4. apply: per part, the new part replaces the old one (its duplicates leave ``shards/``),
+   then its reject file appears in ``rejects/``, so a row is in at most one of the two at any
+   instant; then the shard's manifest entry, whose counts and file list are read from the
+   files it will have; then the journal goes.
+
+Every call first finishes a journal left by a killed pass, then removes what killed attempts
+left (``_dedupe/``, and the ``.{name}.tmp-{pid}`` files of ``write_atomic``), then plans
+anew. The journal keeps a digest of each target before and after its rename: a shard redone
+since the kill (its manifest entry forgotten, its parts rewritten) no longer matches, and its
+renames are dropped rather than applied over the new files; the new plan covers it.
+
+A later pass can find new later occurrences in a part already cleaned (a shard whose files
+sort earlier finished in a later run): its reject file is named by a hash of the keys it
+moves, so it never overwrites the rows an earlier pass moved. Manifest entries whose file
+list differs from the disk (outputs of the old in-place pass) are rewritten by the same commit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
+import shutil
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -22,11 +51,56 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.arrow import KEPT_BASE, reject_schema
-from tasks.shards import write_table_atomic
+from tasks.shards import KINDS, ROW_GROUP_ROWS, Manifest, write_atomic, write_table_atomic
+
+log = logging.getLogger(__name__)
+
+WORK = "_dedupe"  # outside shards/ and rejects/: staged files and the journal
+JOURNAL = "journal.json"
+STAGED = ".staged"  # after .parquet: no reader's *.parquet glob matches a staged file
+MANIFEST = "_manifest"
 
 
-def _later_occurrences(out: Path) -> dict[str, list[int]]:
-    """part file name -> row numbers (in that file) of keys seen in an earlier place."""
+@dataclass
+class Rename:
+    """One step of the commit: move ``src`` over ``dst`` (paths relative to the output).
+    ``old`` and ``new`` are digests of ``dst`` before and after (None: no file), so a later
+    call can tell a step still to do or done from one whose target someone else rewrote."""
+
+    src: str
+    dst: str
+    old: str | None
+    new: str | None
+    rows: int = 0  # duplicate rows this step publishes in rejects/
+
+
+@dataclass
+class Group:
+    """The steps of one source shard: rolled forward together or dropped together."""
+
+    shard_id: str
+    renames: list[Rename] = field(default_factory=list)
+
+
+def dedupe_keys(out: str | Path) -> int:
+    """Move later duplicates of kept keys to rejects/; returns how many rows moved in this call
+    (including those of an interrupted pass it finished)."""
+    out = Path(out)
+    moved = _roll_forward(out, verify=True)
+    _clear_leftovers(out)
+    if _prepare(out):
+        moved += _roll_forward(out, verify=False)
+        _clear_leftovers(out)
+    return moved
+
+
+# -- plan and stage ---------------------------------------------------------------------------
+
+
+def _later_occurrences(out: Path) -> dict[Path, list[int]]:
+    """part file -> row numbers (in that file) of keys seen in an earlier place."""
+    if not any((out / "shards").glob("*.parquet")):
+        return {}
     glob = str(out / "shards" / "*.parquet").replace("'", "''")
     rows = duckdb.connect().execute(f"""
         SELECT filename, file_row_number FROM (
@@ -35,10 +109,108 @@ def _later_occurrences(out: Path) -> dict[str, list[int]]:
             FROM read_parquet('{glob}', filename=true, file_row_number=true)
         ) WHERE nth > 1 ORDER BY filename, file_row_number
     """).fetchall()
-    found: dict[str, list[int]] = {}
+    found: dict[Path, list[int]] = {}
     for filename, row in rows:
-        found.setdefault(filename, []).append(row)
+        found.setdefault(Path(filename), []).append(row)
     return found
+
+
+def _prepare(out: Path) -> bool:
+    """Stage the pass and write its journal; False if there is nothing to do. On any failure
+    (a full disk, say) what it wrote is removed before re-raising, so nothing visible changed."""
+    try:
+        groups = _stage_parts(out)
+        _stage_manifests(out, groups)
+        if not groups:
+            return False
+        _fsync_tree(out / WORK)  # staged names durable before the journal points at them
+        journal = [asdict(g) for g in groups.values()]
+        write_atomic(out / WORK / JOURNAL, json.dumps(journal, indent=1).encode())
+        _fsync_dir(out / WORK)
+        return True
+    except Exception as exc:
+        # pq.write_table keeps its file open after ENOSPC while the traceback lives: drop the
+        # frames' locals, or the deleted file's space stays held by whoever keeps the exception.
+        traceback.clear_frames(exc.__traceback__)
+        shutil.rmtree(out / WORK, ignore_errors=True)
+        raise
+
+
+def _stage_parts(out: Path) -> dict[str, Group]:
+    """Steps grouped by the source shard owning each part, as its manifest entry is per shard."""
+    groups: dict[str, Group] = {}
+    for part, rows in _later_occurrences(out).items():
+        owner = _owner(part.name)
+        groups.setdefault(owner, Group(owner)).renames += _stage_part(out, part, rows)
+    return groups
+
+
+def _stage_part(out: Path, part: Path, rows: list[int]) -> list[Rename]:
+    """The part without its later occurrences, then those rows as rejects: in that order, so
+    applying them never shows a row in both folders."""
+    table = pq.read_table(part)
+    later = set(rows)
+    drop = pa.array([i in later for i in range(table.num_rows)])
+    dupes = table.filter(drop)
+    group_rows = _row_group_rows(part)
+    reject = f"rejects/{part.name.removesuffix('.parquet')}.dupes-{_keys_digest(dupes)}.parquet"
+    return [_stage_table(out, f"shards/{part.name}", table.filter(pc.invert(drop)), group_rows),
+            _stage_table(out, reject, _as_rejects(dupes), group_rows, rows=len(rows))]
+
+
+def _stage_table(out: Path, dst: str, table: pa.Table, group_rows: int, rows: int = 0) -> Rename:
+    src = f"{WORK}/{dst}{STAGED}"
+    (out / src).parent.mkdir(parents=True, exist_ok=True)
+    write_table_atomic(out / src, table, group_rows)
+    return _rename(out, src, dst, rows)
+
+
+def _stage_manifests(out: Path, groups: dict[str, Group]) -> None:
+    """The entry of every shard the pass touches (and of any whose file list is out of date)
+    as it will be afterwards: counts and files read from the files it will then have."""
+    files = _files_by_owner(out)
+    for rename in [r for g in groups.values() for r in g.renames]:
+        files.setdefault(_owner(Path(rename.dst).name), {})[rename.dst] = out / rename.src
+    for entry in Manifest(out).entries():
+        shard_id, after = entry["shard_id"], files.get(entry["shard_id"], {})
+        if shard_id in groups or set(entry.get("files", [])) != set(after):
+            Manifest(out / WORK).record(shard_id, _entry_after(entry, after))  # the same writer, under _dedupe/
+            name = f"{MANIFEST}/{shard_id}.json"
+            groups.setdefault(shard_id, Group(shard_id)).renames.append(_rename(out, f"{WORK}/{name}", name))
+
+
+def _entry_after(entry: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
+    """``entry`` with kept, rejected, reasons and files as ``files`` (name -> where to read it
+    now) say; the other fields (source, timings) stay."""
+    kept = sum(pq.read_metadata(p).num_rows for name, p in files.items() if name.startswith("shards/"))
+    reasons = Counter(reason for name, p in files.items() if name.startswith("rejects/")
+                      for reason in pq.read_table(p, columns=["reason"])["reason"].to_pylist())
+    listed = [f for f in entry.get("files", []) if f in files]
+    return entry | {"kept": kept, "rejected": sum(reasons.values()), "reasons": dict(reasons),
+                    "files": listed + sorted(set(files) - set(listed))}
+
+
+def _files_by_owner(out: Path) -> dict[str, dict[str, Path]]:
+    found: dict[str, dict[str, Path]] = {}
+    for kind in KINDS:
+        for path in sorted((out / kind).glob("*.parquet")):
+            found.setdefault(_owner(path.name), {})[f"{kind}/{path.name}"] = path
+    return found
+
+
+def _owner(name: str) -> str:
+    """Parts are ``{shard_id}.partNNNNN...parquet`` and shard ids hold no dot."""
+    return name.split(".", 1)[0]
+
+
+def _row_group_rows(part: Path) -> int:
+    """The part's own row group size (the run's ``output.row_group_rows``), kept on rewrite."""
+    meta = pq.read_metadata(part)
+    return max((meta.row_group(i).num_rows for i in range(meta.num_row_groups)), default=0) or ROW_GROUP_ROWS
+
+
+def _keys_digest(rows: pa.Table) -> str:
+    return hashlib.blake2b("\n".join(sorted(rows["key"].to_pylist())).encode(), digest_size=6).hexdigest()
 
 
 def _as_rejects(rows: pa.Table) -> pa.Table:
@@ -50,22 +222,84 @@ def _as_rejects(rows: pa.Table) -> pa.Table:
     return pa.table({f.name: extra[f.name] if f.name in extra else rows[f.name] for f in schema}, schema=schema)
 
 
-def dedupe_keys(out: str | Path) -> int:
-    """Move later duplicates of kept keys to rejects/; returns how many rows moved."""
-    out = Path(out)
-    if not any((out / "shards").glob("*.parquet")):
+# -- commit -----------------------------------------------------------------------------------
+
+
+def _roll_forward(out: Path, verify: bool) -> int:
+    """Apply the journal, if there is one; every step is a rename that is skipped once done, so
+    a call killed here is finished by the next. ``verify`` (a journal left by an earlier call)
+    first checks each shard's targets are still the files the pass planned against."""
+    journal = out / WORK / JOURNAL
+    if not journal.exists():
         return 0
-    moved = 0
-    (out / "rejects").mkdir(exist_ok=True)
-    for filename, row_numbers in _later_occurrences(out).items():
-        part = Path(filename)
-        table = pq.read_table(part)
-        later = set(row_numbers)
-        drop = pa.array([i in later for i in range(table.num_rows)])
-        dupes = table.filter(drop)
-        digest = hashlib.blake2b("\n".join(sorted(dupes["key"].to_pylist())).encode(), digest_size=6).hexdigest()
-        write_table_atomic(out / "rejects" / part.name.replace(".parquet", f".dupes-{digest}.parquet"),
-                           _as_rejects(dupes))
-        write_table_atomic(part, table.filter(pc.invert(drop)))
-        moved += len(row_numbers)
+    if verify:
+        log.info("finishing the duplicate-key pass an earlier call left half done")
+    groups = [Group(g["shard_id"], [Rename(**r) for r in g["renames"]]) for g in json.loads(journal.read_text())]
+    moved = sum(_apply(out, g) for g in groups if not verify or _as_planned(out, g))
+    for folder in (*KINDS, MANIFEST):
+        if (out / folder).is_dir():
+            _fsync_dir(out / folder)
+    journal.unlink()
     return moved
+
+
+def _as_planned(out: Path, group: Group) -> bool:
+    """Each target is still the file the pass planned against (step to do) or the file it put
+    there (step done). A shard redone since fails this and is left to the new plan."""
+    for r in group.renames:
+        if _digest(out / r.dst) != (r.old if (out / r.src).exists() else r.new):
+            log.warning("shard %s changed since the duplicate-key pass was planned (%s): planning it again",
+                        group.shard_id, r.dst)
+            return False
+    return True
+
+
+def _apply(out: Path, group: Group) -> int:
+    """The group's renames not yet done, in journal order; returns the duplicate rows published."""
+    moved = 0
+    for r in group.renames:
+        if (out / r.src).exists():
+            (out / r.dst).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(out / r.src, out / r.dst)
+            moved += r.rows
+    return moved
+
+
+def _clear_leftovers(out: Path) -> None:
+    """Remove what killed attempts left: the work folder (only after its journal is applied),
+    and ``.{name}.tmp-{pid}`` files of ``write_atomic``/``write_table_atomic`` (the old in-place
+    pass left them in shards/ and rejects/, a manifest write in _manifest/). No reader sees
+    them, but nothing else removes them. Runs at the end of a run, under its lock, when no
+    shard is being written."""
+    shutil.rmtree(out / WORK, ignore_errors=True)
+    for folder in (*KINDS, MANIFEST):
+        for tmp in (out / folder).glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+def _rename(out: Path, src: str, dst: str, rows: int = 0) -> Rename:
+    return Rename(src, dst, _digest(out / dst), _digest(out / src), rows)
+
+
+def _digest(path: Path) -> str | None:
+    """Content hash, None if there is no file: which version of a file is in place, whatever
+    copy or rename it went through."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_dir(folder)
+    _fsync_dir(root.parent)
