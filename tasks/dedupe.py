@@ -51,6 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.arrow import KEPT_BASE, reject_schema
+from tasks.lock import output_lock
 from tasks.shards import KINDS, ROW_GROUP_ROWS, Manifest, write_atomic, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -86,11 +87,12 @@ def dedupe_keys(out: str | Path) -> int:
     """Move later duplicates of kept keys to rejects/; returns how many rows moved in this call
     (including those of an interrupted pass it finished)."""
     out = Path(out)
-    moved = _roll_forward(out, verify=True)
-    _clear_leftovers(out)
-    if _prepare(out):
-        moved += _roll_forward(out, verify=False)
+    with output_lock(out, "duplicate-key pass"):  # re-entrant: a run calling this already holds it
+        moved = _roll_forward(out, verify=True)
         _clear_leftovers(out)
+        if _prepare(out):
+            moved += _roll_forward(out, verify=False)
+            _clear_leftovers(out)
     return moved
 
 

@@ -44,9 +44,12 @@ def write_table_atomic(path: Path, table: pa.Table, row_group_rows: int = ROW_GR
     needs some rows (the trainer resuming mid-epoch, DuckDB splitting work) reads one group, not
     the whole part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows)
-    with open(tmp, "rb") as fh:  # on disk before the rename (and the manifest) can say it is done
-        os.fsync(fh.fileno())
+    # Through our own handle: pyarrow's own file, on ENOSPC, stays open (space held) while the
+    # exception's traceback lives.
+    with open(tmp, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd", row_group_size=row_group_rows)
+        fh.flush()
+        os.fsync(fh.fileno())  # on disk before the rename (and the manifest) can say it is done
     os.replace(tmp, path)
 
 

@@ -197,8 +197,13 @@ def failing_at(k: int | None, error: BaseException) -> Iterator[list[int]]:
                 return real(*args, **kwargs)
             if half_write:
                 real(*args, **kwargs)
-                path = Path(args[1])
-                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+                where = args[1]
+                if hasattr(where, "truncate"):  # written through an open file
+                    where.flush()
+                    where.truncate(where.tell() // 2)
+                else:
+                    path = Path(where)
+                    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
             raise error
         return wrapper
 
