@@ -9,14 +9,17 @@ start with a message naming the holder. The file itself stays (emptied on releas
 a lock file while others may have it open lets two runs lock two different files.
 
 A local Ray runtime is a tree of processes under the driver; when the driver is killed they
-linger for a minute or more. ``watch_ray`` starts a small reaper in its own session (so a
-kill of the driver's process group does not take it too) that kills the driver's Ray
-processes within a second of the driver's death; the lock also records them, and the next
-run that takes the lock kills any that are still there.
+linger for a minute or more. Before it starts one, the driver puts a tag unique to it in its
+environment (``T2I_RAY_TAG``), which every Ray process it starts inherits, even those spawned
+later (a restarted actor) or reparented; ``watch_ray`` starts a small reaper in its own session
+(so a kill of the driver's process group does not take it too) that, within a second of the
+driver's death, kills every process carrying the tag. The lock records the tag too, and the
+next run that takes the lock kills any such process still there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -35,6 +38,7 @@ import psutil
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "_lock"
+TAG_VAR = "T2I_RAY_TAG"
 
 _held: dict[str, list[int]] = {}  # resolved out -> [fd, depth]: re-entrant within one process
 
@@ -106,85 +110,92 @@ def output_lock(out: str | Path, command: str) -> Iterator[None]:
 
 
 def _ray_processes() -> list[tuple[int, float]]:
-    """(pid, create time) of this process's Ray descendants (a local runtime's GCS, raylet,
-    agents and workers)."""
+    """(pid, create time) of this process's Ray descendants, for operators reading the lock."""
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if _is_ray(proc):
-                found.append((proc.pid, proc.create_time()))
+            found.append((proc.pid, proc.create_time()))
         except psutil.Error:
             continue
     return found
 
 
-def _is_ray(proc: psutil.Process) -> bool:
-    cmd = " ".join(proc.cmdline())
-    return cmd.startswith("ray::") or "/ray/" in cmd
-
-
 def note_ray(out: str | Path) -> None:
-    """Record the local Ray runtime's processes in the held lock, for the next run to reap."""
+    """Record the local Ray runtime (its tag and processes) in the held lock, for the next run to reap."""
     held = _held.get(str(Path(out).resolve()))
-    if held is None:
+    if held is None or TAG_VAR not in os.environ:
         return
     info = _read(held[0])
-    info["ray"] = _ray_processes()
+    info["ray_tag"], info["ray"] = os.environ[TAG_VAR], _ray_processes()
     _write(held[0], info)
 
 
 def reap(info: dict[str, Any]) -> int:
-    """Kill the Ray processes a dead run on this host recorded; returns how many were killed.
-    A pid is only killed if its process is the one recorded (same create time)."""
-    if not info.get("ray") or info.get("host") != socket.gethostname() or psutil.pid_exists(info.get("pid", -1)):
+    """Kill the Ray processes a dead run on this host left (those it recorded, those carrying
+    its tag); returns how many were killed."""
+    tag = info.get("ray_tag")
+    if not tag or info.get("host") != socket.gethostname() or psutil.pid_exists(info.get("pid", -1)):
         return 0
-    return _kill_matching([(int(pid), float(created)) for pid, created in info["ray"]])
-
-
-def _kill_matching(processes: list[tuple[int, float]]) -> int:
-    killed = 0
-    for pid, created in processes:
-        try:
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - created) < 0.01:
-                proc.kill()
-                killed += 1
-        except psutil.Error:
-            continue
+    recorded = [(int(pid), float(created)) for pid, created in info.get("ray", [])]
+    killed = sum(1 for pid, _ in recorded if psutil.pid_exists(pid))
+    _kill_matching(recorded)
+    killed += kill_tagged(tag)
     if killed:
         log.warning("stopped %d Ray processes left by a run that was killed", killed)
     return killed
 
 
+def kill_tagged(tag: str) -> int:
+    """SIGKILL every process (but this one) whose environment carries ``tag``; two sweeps, for a
+    worker a dying raylet spawned during the first."""
+    killed = 0
+    for _ in range(2):
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != os.getpid() and proc.environ().get(TAG_VAR) == tag:
+                    proc.kill()
+                    killed += 1
+            except psutil.Error:
+                continue
+    return killed
+
+
 def watch_ray() -> None:
-    """Start the reaper for this driver's local Ray runtime (see the module docstring)."""
-    subprocess.Popen([sys.executable, "-m", "tasks.lock", str(os.getpid())], start_new_session=True,
+    """Tag this driver's environment (before Ray starts, so its processes inherit the tag) and
+    start the reaper that kills them when the driver dies (see the module docstring)."""
+    tag = os.environ[TAG_VAR] = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"  # ours, not a parent's
+    subprocess.Popen([sys.executable, "-m", "tasks.lock", str(os.getpid()), tag], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     close_fds=True)
+                     close_fds=True, env={k: v for k, v in os.environ.items() if k != TAG_VAR})
 
 
-def _reaper(driver_pid: int, interval_s: float = 0.5) -> None:
-    """Snapshot the driver's Ray descendants until the driver is gone, then kill them."""
+def _reaper(driver_pid: int, tag: str, interval_s: float = 0.5) -> None:
+    """Until the driver is gone (or a zombie), note its descendants (Ray's agents do not inherit
+    the tag: raylet starts them with an environment of its own); then kill those and every
+    process carrying the tag."""
+    seen: dict[int, float] = {}
     try:
         driver = psutil.Process(driver_pid)
-    except psutil.Error:
-        return
-    seen: dict[int, float] = {}
-    while True:
-        try:
-            if driver.status() == psutil.STATUS_ZOMBIE:
-                break
+        while driver.status() != psutil.STATUS_ZOMBIE:
             for proc in driver.children(recursive=True):
-                try:
-                    if _is_ray(proc):
-                        seen[proc.pid] = proc.create_time()
-                except psutil.Error:
-                    continue
-        except psutil.Error:  # the driver is gone
-            break
-        time.sleep(interval_s)
+                with contextlib.suppress(psutil.Error):
+                    seen.setdefault(proc.pid, proc.create_time())
+            time.sleep(interval_s)
+    except psutil.Error:  # the driver is gone
+        pass
+    seen.pop(os.getpid(), None)
     _kill_matching(list(seen.items()))
+    kill_tagged(tag)
+
+
+def _kill_matching(processes: list[tuple[int, float]]) -> None:
+    """Kill each (pid, create time) still naming the same process (not a reused pid)."""
+    for pid, created in processes:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) < 0.01:
+                proc.kill()
 
 
 if __name__ == "__main__":
-    _reaper(int(sys.argv[1]))
+    _reaper(int(sys.argv[1]), sys.argv[2])

@@ -26,7 +26,7 @@ import ray
 from schemas.config import ConfigError, CurateConfig, config_differences
 from tasks.actors import Pools, pool_resources, start_pools, stop_pools
 from tasks.chain import SignalFailing
-from tasks.cluster import ensure_ray
+from tasks.cluster import cluster_address, ensure_ray
 from tasks.dedupe import dedupe_keys
 from tasks.lock import note_ray, output_lock, watch_ray
 from tasks.process import ShardResult, process_shard
@@ -189,9 +189,10 @@ def run(
         models = [s for s in build_signals(cfg.signals) if s.uses_actor and s.name not in skip]
         if todo and use_ray:  # join (or start) Ray before anything is written
             pool_cpus, pool_gpus = pool_resources(models)
-            if ensure_ray(cfg.run, extra_cpus=pool_cpus):
-                watch_ray()
-                note_ray(out)
+            if not ray.is_initialized() and cluster_address(cfg.run) is None:
+                watch_ray()  # before ray.init: a driver killed while Ray starts leaves nothing either
+            ensure_ray(cfg.run, extra_cpus=pool_cpus)
+            note_ray(out)
             _check_fits(pool_cpus, pool_gpus)
         guard_run_config(out, mode, cfg, str(source))
         shutil.rmtree(out / "_tmp", ignore_errors=True)  # attempts of killed runs (the lock says none is live)
