@@ -52,15 +52,20 @@ class RunAborted(RuntimeError):
     """A failure no retry or other shard can get past: the run stopped; a rerun resumes."""
 
 
-# Errors of the output's file system that every shard would meet.
-FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
+# Errors of a file system that every shard would meet: a full or read-only one, and (for paths
+# in the output only: a source file one cannot read is that shard's problem) a permission error.
+FULL_OR_READ_ONLY = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
+NOT_PERMITTED = frozenset({errno.EACCES, errno.EPERM})
 
 
-def fatal_reason(exc: BaseException) -> str | None:
+def fatal_reason(exc: BaseException, out: str | Path) -> str | None:
     """The message to stop the run with, or None for a failure of this shard alone."""
     if isinstance(exc, SignalFailing):
         return str(exc)
-    if isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS:
+    if not isinstance(exc, OSError):
+        return None
+    in_out = bool(exc.filename) and Path(str(exc.filename)).resolve().is_relative_to(Path(out).resolve())
+    if exc.errno in FULL_OR_READ_ONLY or (exc.errno in NOT_PERMITTED and in_out):
         where = f" ({exc.filename})" if exc.filename else ""
         return f"cannot write the output{where}: {exc.strerror or exc}"
     return None
@@ -142,7 +147,7 @@ def _process_guarded(shard: SourceShard, cfg: CurateConfig, out: str, pools: Poo
     try:
         return process_shard(shard, cfg, Path(out), pools, skip)
     except Exception as exc:
-        if (message := fatal_reason(exc)) is not None:
+        if (message := fatal_reason(exc, out)) is not None:
             return Fatal(shard.shard_id, message)
         raise
 

@@ -348,3 +348,17 @@ def test_a_listener_that_is_not_ray_times_out_within_the_configured_time() -> No
         with pytest.raises(RayUnavailable, match=r"within 4 s \(run.ray_connect_timeout_s\)"):
             probe(f"127.0.0.1:{server.getsockname()[1]}", 4.0)
         assert time.monotonic() - started < 30
+
+
+def test_only_failures_every_shard_would_meet_stop_the_run(tmp_path: Path) -> None:
+    import errno
+
+    from tasks.runner import fatal_reason
+
+    out = tmp_path / "out"
+    assert fatal_reason(OSError(errno.ENOSPC, "No space left on device", str(out / "x")), out)
+    assert fatal_reason(OSError(errno.EROFS, "Read-only file system", "/anywhere"), out)
+    assert fatal_reason(PermissionError(errno.EACCES, "Permission denied", str(out / "shards")), out)
+    unreadable_source = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "src" / "a.tar"))
+    assert fatal_reason(unreadable_source, out) is None  # that shard's own problem
+    assert fatal_reason(ValueError("a bad row"), out) is None
