@@ -8,6 +8,11 @@ All on the same few corpus images, read before any timing, in this one process:
 - ``full_chain_images_per_s``: a Chain with every signal that can run here and no rules (what
   ``t2i analyze`` does), so every image pays every signal. No Ray pools are given, so the model
   signals run inline (``ModelSignal.compute_batch``): prepare, setup once, infer.
+- ``cascade_core_ms_per_row``: the default config with its rules on (what ``t2i curate`` does):
+  core-milliseconds per input row, the fraction of rows each rule removes on this corpus, and
+  ``cascade_core_hours_per_billion``, the projected core-hours for 1e9 pairs (each pass also
+  gives its own ``core_hours_per_billion``: every signal alone, every signal on every image).
+  Core time is this process's CPU time, so it counts every thread a library used.
 - ``naive_images_per_s``: per image and per op, a fresh full-size PIL decode to RGB (Data-Juicer's
   ``load_image``: ops share no decode unless fused), then the op at full size: the image's shape,
   Haar faces with Data-Juicer's ``image_face_count_filter`` settings, RapidOCR's default pipeline
@@ -25,6 +30,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -55,9 +61,16 @@ def _timed(work: Callable[[], Any]) -> tuple[float, float, Any]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
+# Core-hours for a billion rows from core-milliseconds per row.
+CORE_HOURS_PER_BILLION_PER_MS = 1e9 / 3.6e6
+
+
 def _pass(seconds: float, cpu: float, images: int) -> dict[str, Any]:
+    core_ms = 1000 * cpu / images  # CPU time, all threads of this process: what a cluster bills
     return {"seconds": round(seconds, 3), "images_per_s": round(images / seconds, 2),
-            "ms_per_image": round(1000 * seconds / images, 1), "cpu_per_wall": round(cpu / seconds, 2)}
+            "ms_per_image": round(1000 * seconds / images, 1), "cpu_per_wall": round(cpu / seconds, 2),
+            "core_ms_per_image": round(core_ms, 1),
+            "core_hours_per_billion": round(core_ms * CORE_HOURS_PER_BILLION_PER_MS)}
 
 
 def time_chain(cfg: CurateConfig, batches: list[pa.RecordBatch], skip: frozenset[str]) -> dict[str, Any]:
@@ -67,13 +80,16 @@ def time_chain(cfg: CurateConfig, batches: list[pa.RecordBatch], skip: frozenset
     assert not chain.pools  # no actor pools: model signals run in this process
     chain.score_batch(batches[0].slice(0, 1), set())
 
-    def run() -> tuple[int, int]:
+    def run() -> tuple[int, int, Counter[str]]:
         seen: set[str] = set()
         results = [chain.score_batch(b, seen) for b in batches]
-        return sum(r.kept.num_rows for r in results), sum(r.rejects.num_rows for r in results)
+        reasons = Counter(r for res in results for r in res.rejects.column("reason").to_pylist())
+        return sum(r.kept.num_rows for r in results), sum(r.rejects.num_rows for r in results), reasons
 
-    seconds, cpu, (kept, rejected) = _timed(run)
-    return {**_pass(seconds, cpu, kept + rejected), "kept": kept, "rejected": rejected}
+    seconds, cpu, (kept, rejected, reasons) = _timed(run)
+    rows = kept + rejected
+    return {**_pass(seconds, cpu, rows), "kept": kept, "rejected": rejected,
+            "removed_fraction": {reason: round(n / rows, 3) for reason, n in reasons.most_common()}}
 
 
 class NaiveLoop:
@@ -129,6 +145,7 @@ def measure(batches: list[pa.RecordBatch], mode: str) -> dict[str, Any]:
             per_signal = {s.name: time_chain(cfg.model_copy(update={"signals": {s.name: cfg.signals[s.name]}}),
                                              batches, frozenset()) for s in signals if s.name not in skip}
             full = time_chain(cfg, batches, skip)
+            cascade = time_chain(CurateConfig(), batches, skip)  # the default config, its rules on
             naive = NaiveLoop(threads)
             naive.ops["ocr"](Image.open(io.BytesIO(images[0])).convert("RGB"))  # RapidOCR loads on first call
             seconds, cpu, _ = _timed(lambda: naive.run(images))
@@ -140,6 +157,8 @@ def measure(batches: list[pa.RecordBatch], mode: str) -> dict[str, Any]:
         "full_chain_images_per_s": full["images_per_s"],
         "naive_images_per_s": naive_pass["images_per_s"],
         "full_chain_vs_naive": round(full["images_per_s"] / naive_pass["images_per_s"], 2),
+        "cascade_core_ms_per_row": cascade["core_ms_per_image"],
+        "cascade_core_hours_per_billion": cascade["core_hours_per_billion"],
     }
     return {**headline, "models": {
         "mode": mode,
@@ -149,6 +168,7 @@ def measure(batches: list[pa.RecordBatch], mode: str) -> dict[str, Any]:
                     "mediapipe": "its default (see cpu_per_wall)", "scipy_numpy": "default"},
         "per_signal": {**per_signal, **{n: WHY_NOT.get(n, f"not measured: {why}") for n, why in missing.items()}},
         "full_chain": {**full, "signals": [s.name for s in signals if s.name not in skip]},
+        "cascade": cascade,
         "naive": {**naive_pass, "ops": list(naive.ops), "haar": {"cascade": HAAR_FILE, **HAAR_ARGS},
                   "op_ms_per_image": {k: round(1000 * v / len(images), 1) for k, v in naive.seconds.items()}},
         "other_cpu_s": round(mem.other_cpu_s, 2),
@@ -166,13 +186,16 @@ def print_section(m: dict[str, Any]) -> None:
     t = m["threads"]
     print(f"\nmodel signals ({m['mode']}, {m['images']} images of {m['mean_megapixels']} MP mean, one process, "
           f"threads: cv2 {t['cv2']}, onnxruntime {t['onnxruntime_intra_op']}; {m['wall_s']} s)")
-    print(f"{'pass':<14}{'images/s':>10}{'ms/image':>10}{'cpu/wall':>10}")
-    rows = [*m["per_signal"].items(), ("full chain", m["full_chain"]), ("naive loop", m["naive"])]
+    print(f"{'pass':<14}{'images/s':>10}{'ms/image':>10}{'cpu/wall':>10}{'core-ms':>10}{'core-h / 1e9':>14}")
+    rows = [*m["per_signal"].items(), ("full chain", m["full_chain"]), ("cascade", m["cascade"]),
+            ("naive loop", m["naive"])]
     for name, r in rows:
         if isinstance(r, str):
             print(f"{name:<14}{r}")
         else:
-            print(f"{name:<14}{r['images_per_s']:>10}{r['ms_per_image']:>10}{r['cpu_per_wall']:>10}")
+            print(f"{name:<14}{r['images_per_s']:>10}{r['ms_per_image']:>10}{r['cpu_per_wall']:>10}"
+                  f"{r['core_ms_per_image']:>10}{r['core_hours_per_billion']:>14}")
+    print(f"cascade (default config, rules on) removes: {m['cascade']['removed_fraction']} of the rows")
     ops = ", ".join(f"{k} {v}" for k, v in m["naive"]["op_ms_per_image"].items())
     print(f"naive loop, ms per image: {ops} ({len(m['naive']['ops'])} full decodes each)")
     if m["other_cpu_s"] > 5:
