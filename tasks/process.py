@@ -33,6 +33,7 @@ class ShardResult:
     decodes: int = 0
     seconds: float = 0.0
     started_at: float = 0.0  # Unix time: for straggler and overlap analysis
+    node: str = ""  # the Ray node that ran it ("" outside Ray): where stragglers and failures sit
     reasons: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     fingerprint: dict = field(default_factory=dict)  # tasks.sources.fingerprint, when read
@@ -43,6 +44,12 @@ class ShardResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, pools: Pools | None = None,
@@ -58,7 +65,8 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, pools: Pools
                          cfg.output.max_bytes_per_shard, cfg.output.row_group_rows)
         for kind, schema in (("shards", chain.kept_schema), ("rejects", chain.reject_schema))
     }
-    result = ShardResult(shard.shard_id, shard.path, started_at=round(started_at, 3), fingerprint=fingerprint(shard))
+    result = ShardResult(shard.shard_id, shard.path, started_at=round(started_at, 3), node=_node_id(),
+                         fingerprint=fingerprint(shard))
     reasons: Counter[str] = Counter()
     kept_keys: set[str] = set()
     try:

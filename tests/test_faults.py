@@ -3,7 +3,6 @@ most rows, two runs on one output, a source that changes, an output that cannot 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -286,39 +285,17 @@ def test_t2i_up_towards_a_server_that_does_not_answer_says_so(tmp_path: Path) ->
     assert "unset PREFECT_API_URL" in result.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def token_cluster():
-    """A real Ray head started with token authentication (``ray start --head --block``), stopped
-    by killing the process tree it started."""
-    import psutil
+    """A real Ray head started with token authentication."""
+    from ray_cluster import RayCluster
 
-    port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-                             f"--port={port}", "--num-cpus=3", "--include-dashboard=false",
-                             "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cluster = RayCluster(env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
     try:
-        deadline = time.monotonic() + 60
-        while subprocess.run([sys.executable, "-c", "import socket,sys; socket.create_connection(('127.0.0.1', "
-                              f"{port}), 1)"], capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline and head.poll() is None, "the Ray head did not come up"
-            time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
+        cluster.start_head(cpus=3)
+        yield cluster.address
     finally:
-        tree = [head.pid, *(c.pid for c in psutil.Process(head.pid).children(recursive=True))]
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        head.wait()
+        cluster.stop()
 
 
 @pytest.mark.slow
