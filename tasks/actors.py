@@ -28,6 +28,7 @@ from typing import Any
 
 import ray
 
+from schemas.config import ConfigError
 from tasks.signals import Signal
 from tasks.signals.base import ModelSignal
 
@@ -100,9 +101,10 @@ def start_pools(signals: Sequence[Signal], timeout_s: float = 900.0) -> Pools:
         ]
     try:
         ray.get([h.ready.remote() for handles in pools.values() for h in handles], timeout=timeout_s)
-    except Exception:
-        stop_pools(pools)
-        raise
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+        stop_pools(pools)  # a model that does not load is the config's (weights, setup), not a bug here
+        raise ConfigError(f"the model pools of {', '.join(pools)} did not start within {timeout_s:g} s: "
+                          f"{_cause_text(exc)}") from exc
     return pools
 
 

@@ -33,6 +33,9 @@ VERIFY_SIDE = 64
 # run.max_signal_error_fraction of those it ran on) before the shard fails for it: one
 # poison image in a small shard is that image's reject, not a broken model.
 MIN_ERRORS_TO_FAIL = 3
+# ... and have run on at least this many: a few odd images left after the cheap rules removed
+# most of a shard are not a broken model.
+MIN_TRIED_TO_FAIL = 10
 
 
 class SignalFailing(RuntimeError):
@@ -146,7 +149,8 @@ class Chain:
         """Raise ``SignalFailing`` when a signal has failed on too many of this shard's rows."""
         limit = self.cfg.run.max_signal_error_fraction
         for name, failed in self.failed.items():
-            if failed >= MIN_ERRORS_TO_FAIL and failed > limit * self.tried[name]:
+            tried = self.tried[name]
+            if failed >= MIN_ERRORS_TO_FAIL and tried >= MIN_TRIED_TO_FAIL and failed > limit * tried:
                 raise SignalFailing(
                     f"signal {name} failed on {failed} of the {self.tried[name]} rows it ran on so far in this shard "
                     f"(more than run.max_signal_error_fraction {limit:g}); its first error: {self.first_error[name]}")

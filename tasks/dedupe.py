@@ -96,6 +96,16 @@ def dedupe_keys(out: str | Path) -> int:
     return moved
 
 
+def recover(out: str | Path) -> int:
+    """Finish a pass that was killed and remove its leftovers, without starting a new one: a
+    run calls this at its start, so nothing it (or a reader) sees in between is half a pass."""
+    out = Path(out)
+    with output_lock(out, "duplicate-key pass (recovery)"):
+        moved = _roll_forward(out, verify=True)
+        _clear_leftovers(out)
+    return moved
+
+
 # -- plan and stage ---------------------------------------------------------------------------
 
 
@@ -130,7 +140,7 @@ def _prepare(out: Path) -> bool:
         write_atomic(out / WORK / JOURNAL, json.dumps(journal, indent=1).encode())
         _fsync_dir(out / WORK)
         return True
-    except Exception as exc:
+    except Exception as exc:  # a kill or Ctrl-C leaves them to the next run's recover()
         # pq.write_table keeps its file open after ENOSPC while the traceback lives: drop the
         # frames' locals, or the deleted file's space stays held by whoever keeps the exception.
         traceback.clear_frames(exc.__traceback__)

@@ -113,10 +113,9 @@ def _ray_processes() -> list[tuple[int, float]]:
     """(pid, create time) of this process's Ray descendants, for operators reading the lock."""
     found = []
     for proc in psutil.Process().children(recursive=True):
-        try:
-            found.append((proc.pid, proc.create_time()))
-        except psutil.Error:
-            continue
+        with contextlib.suppress(psutil.Error):
+            if _is_ray(proc):
+                found.append((proc.pid, proc.create_time()))
     return found
 
 
@@ -152,7 +151,7 @@ def kill_tagged(tag: str) -> int:
     for _ in range(2):
         for proc in psutil.process_iter():
             try:
-                if proc.pid != os.getpid() and proc.environ().get(TAG_VAR) == tag:
+                if proc.pid != os.getpid() and proc.uids().real == os.getuid() and proc.environ().get(TAG_VAR) == tag:
                     proc.kill()
                     killed += 1
             except psutil.Error:
@@ -164,7 +163,8 @@ def watch_ray() -> None:
     """Tag this driver's environment (before Ray starts, so its processes inherit the tag) and
     start the reaper that kills them when the driver dies (see the module docstring)."""
     tag = os.environ[TAG_VAR] = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"  # ours, not a parent's
-    subprocess.Popen([sys.executable, "-m", "tasks.lock", str(os.getpid()), tag], start_new_session=True,
+    # -P: the user's working directory may hold a package of its own named `tasks`
+    subprocess.Popen([sys.executable, "-P", "-m", "tasks.lock", str(os.getpid()), tag], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      close_fds=True, env={k: v for k, v in os.environ.items() if k != TAG_VAR})
 
@@ -179,7 +179,8 @@ def _reaper(driver_pid: int, tag: str, interval_s: float = 0.5) -> None:
         while driver.status() != psutil.STATUS_ZOMBIE:
             for proc in driver.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
-                    seen.setdefault(proc.pid, proc.create_time())
+                    if _is_ray(proc):  # not the driver's other children (a notebook's, say)
+                        seen.setdefault(proc.pid, proc.create_time())
             time.sleep(interval_s)
     except psutil.Error:  # the driver is gone
         pass
@@ -188,12 +189,19 @@ def _reaper(driver_pid: int, tag: str, interval_s: float = 0.5) -> None:
     kill_tagged(tag)
 
 
+def _is_ray(proc: psutil.Process) -> bool:
+    """A Ray process of ours: Ray's binaries and Python entry points, or a renamed worker."""
+    cmd = " ".join(proc.cmdline())
+    return proc.uids().real == os.getuid() and (cmd.startswith("ray::") or "/ray/" in cmd)
+
+
 def _kill_matching(processes: list[tuple[int, float]]) -> None:
-    """Kill each (pid, create time) still naming the same process (not a reused pid)."""
+    """Kill each (pid, create time) still naming the same Ray process (not a reused pid, and
+    never another kind of process, whatever a lock file says)."""
     for pid, created in processes:
         with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
-            if abs(proc.create_time() - created) < 0.01:
+            if abs(proc.create_time() - created) < 0.01 and _is_ray(proc):
                 proc.kill()
 
 

@@ -1,20 +1,19 @@
-"""Fan a source out over Ray, one task per source shard, skipping shards already done.
+"""A curation run: check the output's stamp, plan the shards, get Ray, then stream the shards
+through one ``tasks.dispatch.Dispatcher``, then the cross-shard key pass.
 
-Tasks get a shard (a path) and the config and return a few counts, so the driver's
-memory does not grow with the data. At most ``run.workers`` shard tasks are in flight: a
-task that waits on a model pool gives its CPU back to Ray, which would otherwise start
-another shard (and its memory) in its place. A shard that fails after its retries is
-recorded in the summary and the rest of the run goes on; a failure that every shard would
-meet (a signal failing on most rows, a full or read-only output) stops the run at once
-(``RunAborted``).
+Tasks get a shard (a path) and the config and return a few counts, so the driver's memory
+does not grow with the data. A shard that fails after its retries is recorded in the summary
+and the rest of the run goes on; a failure every shard would meet stops the run at once
+(``RunAborted``). ``run`` is the CLI's whole run; the Prefect flow opens a run with
+``open_run`` and feeds its groups to the same dispatcher from several threads.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,17 +23,20 @@ from typing import Any
 import ray
 
 from schemas.config import ConfigError, CurateConfig, config_differences
-from tasks.actors import Pools, pool_resources, start_pools, stop_pools
-from tasks.chain import SignalFailing
+from tasks.actors import pool_resources
 from tasks.cluster import cluster_address, ensure_ray
-from tasks.dedupe import dedupe_keys
+from tasks.dedupe import dedupe_keys, recover
+from tasks.dispatch import Dispatcher, RunAborted
 from tasks.lock import note_ray, output_lock, watch_ray
-from tasks.process import ShardResult, process_shard
-from tasks.shards import Manifest, write_atomic
+from tasks.process import ShardResult
+from tasks.shards import Manifest, clear_partial, write_atomic
 from tasks.signals import build_signals, registry, unavailable_signals
 from tasks.sources import SourceShard, discover, fingerprint
 
 log = logging.getLogger(__name__)
+
+__all__ = ["RunAborted", "RunConfigMismatch", "RunContext", "RunSummary", "SourceChangedSinceDone",
+           "guard_run_config", "open_run", "plan_shards", "run"]
 
 # Called with None once the work starts (Ray joined, the run stamped), then after every shard.
 Progress = Callable[[ShardResult | None, "RunSummary"], None]
@@ -46,37 +48,6 @@ class RunConfigMismatch(RuntimeError):
 
 class SourceChangedSinceDone(RuntimeError):
     """Shards recorded as done have changed since, and ``source.changed`` is ``refuse``."""
-
-
-class RunAborted(RuntimeError):
-    """A failure no retry or other shard can get past: the run stopped; a rerun resumes."""
-
-
-# Errors of a file system that every shard would meet: a full or read-only one, and (for paths
-# in the output only: a source file one cannot read is that shard's problem) a permission error.
-FULL_OR_READ_ONLY = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
-NOT_PERMITTED = frozenset({errno.EACCES, errno.EPERM})
-
-
-def fatal_reason(exc: BaseException, out: str | Path) -> str | None:
-    """The message to stop the run with, or None for a failure of this shard alone."""
-    if isinstance(exc, SignalFailing):
-        return str(exc)
-    if not isinstance(exc, OSError):
-        return None
-    in_out = bool(exc.filename) and Path(str(exc.filename)).resolve().is_relative_to(Path(out).resolve())
-    if exc.errno in FULL_OR_READ_ONLY or (exc.errno in NOT_PERMITTED and in_out):
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"cannot write the output{where}: {exc.strerror or exc}"
-    return None
-
-
-@dataclass
-class Fatal:
-    """What a shard task returns instead of raising, so that Ray does not retry it."""
-
-    shard_id: str
-    message: str
 
 
 @dataclass
@@ -92,14 +63,20 @@ class RunSummary:
     duplicates_moved: int = 0  # kept rows whose key an earlier shard already had
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)  # shard_id -> error
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, result: ShardResult) -> None:
+        """Thread-safe: the Prefect flow's groups report from their own threads."""
+        with self._lock:
+            self._add(result)
+
+    def _add(self, result: ShardResult) -> None:
         self.shards_done += 1
         self.kept += result.kept
         self.rejected += result.rejected
 
     def to_dict(self) -> dict[str, Any]:
-        return self.__dict__ | {"failed": dict(self.failed)}
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"} | {"failed": dict(self.failed)}
 
 
 # Settings that change where and how the work runs, not which rows are kept: free to change on resume.
@@ -141,17 +118,6 @@ def guard_run_config(out: Path, mode: str, cfg: CurateConfig, source: str, *, wr
         write_atomic(stamp, json.dumps(current, indent=1, sort_keys=True).encode())
 
 
-def _process_guarded(shard: SourceShard, cfg: CurateConfig, out: str, pools: Pools | None,
-                     skip: frozenset[str]) -> ShardResult | Fatal:
-    """One shard; a fatal failure comes back as ``Fatal`` (not retried), anything else raises."""
-    try:
-        return process_shard(shard, cfg, Path(out), pools, skip)
-    except Exception as exc:
-        if (message := fatal_reason(exc, out)) is not None:
-            return Fatal(shard.shard_id, message)
-        raise
-
-
 def plan_signals(cfg: CurateConfig) -> frozenset[str]:
     """The signals to leave empty (weights missing, say), each with one warning; a rule on
     one of them is a ConfigError before any work."""
@@ -162,6 +128,53 @@ def plan_signals(cfg: CurateConfig) -> frozenset[str]:
     for name, why in missing.items():
         log.warning("signal %s is left empty: %s", name, why)
     return frozenset(missing)
+
+
+@dataclass
+class RunContext:
+    """One run, opened: what ``run`` and the Prefect flow's groups share."""
+
+    source: str
+    out: Path
+    cfg: CurateConfig  # as run (analyze: without rules)
+    mode: str
+    todo: list[SourceShard]
+    summary: RunSummary
+    dispatcher: Dispatcher
+
+
+def open_run(source: str | Path, out: str | Path, cfg: CurateConfig, *, mode: str = "curate",
+             shards: list[SourceShard] | None = None, use_ray: bool = True,
+             ray_retries: int | None = None) -> RunContext:
+    """Everything before the first shard: check the config against the output's stamp, plan the
+    shards (refusing or forgetting changed ones), join or start Ray, stamp the run, clear the
+    attempts of killed runs. Call with the output's lock held. ``ray_retries`` defaults to
+    ``run.task_retries``."""
+    if mode == "analyze":
+        cfg = cfg.without_rules()
+    elif mode != "curate":
+        raise ValueError(f"mode must be curate or analyze, not {mode!r}")
+    out = Path(out).resolve()  # shard tasks on other nodes (other working directories) get this path
+    skip = plan_signals(cfg)
+    shards = shards if shards is not None else discover(source, cfg.source)
+    guard_run_config(out, mode, cfg, str(source), write=False)
+    recover(out)  # a duplicate pass killed last time is finished before anything else
+    todo = plan_shards(out, shards, cfg)
+    models = [s for s in build_signals(cfg.signals) if s.uses_actor and s.name not in skip]
+    if todo and use_ray:  # join (or start) Ray before anything is written
+        if not ray.is_initialized() and cluster_address(cfg.run) is None:
+            watch_ray()  # before ray.init: a driver killed while Ray starts leaves nothing either
+            note_ray(out)  # the tag, for the next run, should the reaper itself be killed
+        ensure_ray(cfg.run, extra_cpus=pool_resources(models)[0])
+        note_ray(out)
+    guard_run_config(out, mode, cfg, str(source))
+    shutil.rmtree(out / "_tmp", ignore_errors=True)  # attempts of killed runs (the lock says none is live)
+    summary = RunSummary(mode, str(source), str(out), len(shards), len(shards) - len(todo))
+    retries = cfg.run.task_retries if ray_retries is None else ray_retries
+    dispatcher = Dispatcher(cfg, out, skip, models, use_ray=use_ray, ray_retries=retries)
+    if todo and use_ray:
+        dispatcher.start()  # pools up (weights load) before any group: a failure here is the run's
+    return RunContext(str(source), out, cfg, mode, todo, summary, dispatcher)
 
 
 def run(
@@ -175,32 +188,13 @@ def run(
     shards: list[SourceShard] | None = None,
     dedupe: bool = True,
 ) -> RunSummary:
-    """Curate (or, with mode="analyze", score without rules) every not-yet-done shard.
-    ``shards`` limits the run to some of the source's shards (the Prefect flow's groups);
-    ``dedupe=False`` leaves the cross-shard key pass to the caller, to run once at the end.
-    Holds the output's lock throughout (``tasks.lock``)."""
+    """Curate (or, with mode="analyze", score without rules) every not-yet-done shard;
+    ``shards`` limits the run to some of the source's shards. Holds the output's lock
+    throughout (``tasks.lock``)."""
     started = time.perf_counter()
-    if mode == "analyze":
-        cfg = cfg.without_rules()
-    elif mode != "curate":
-        raise ValueError(f"mode must be curate or analyze, not {mode!r}")
-    out = Path(out)
-    skip = plan_signals(cfg)
-    shards = shards if shards is not None else discover(source, cfg.source)
-    guard_run_config(out, mode, cfg, str(source), write=False)
     with output_lock(out, f"t2i {mode} --source {source}"):
-        todo = plan_shards(out, shards, cfg)
-        summary = RunSummary(mode, str(source), str(out), len(shards), len(shards) - len(todo))
-        models = [s for s in build_signals(cfg.signals) if s.uses_actor and s.name not in skip]
-        if todo and use_ray:  # join (or start) Ray before anything is written
-            pool_cpus, pool_gpus = pool_resources(models)
-            if not ray.is_initialized() and cluster_address(cfg.run) is None:
-                watch_ray()  # before ray.init: a driver killed while Ray starts leaves nothing either
-            ensure_ray(cfg.run, extra_cpus=pool_cpus)
-            note_ray(out)
-            _check_fits(pool_cpus, pool_gpus)
-        guard_run_config(out, mode, cfg, str(source))
-        shutil.rmtree(out / "_tmp", ignore_errors=True)  # attempts of killed runs (the lock says none is live)
+        ctx = open_run(source, out, cfg, mode=mode, shards=shards, use_ray=use_ray)
+        summary = ctx.summary
 
         def finished(result: ShardResult) -> None:
             summary.add(result)
@@ -209,11 +203,10 @@ def run(
 
         if progress:
             progress(None, summary)
-
-        if use_ray:
-            _run_on_ray(todo, cfg, out, summary, finished, skip, models)
-        else:
-            _run_here(todo, cfg, out, summary, finished, skip)
+        try:
+            summary.failed.update(ctx.dispatcher.run_shards(ctx.todo, finished))
+        finally:
+            ctx.dispatcher.close()
         summary.duplicates_moved = dedupe_keys(out) if dedupe else 0
     summary.kept -= summary.duplicates_moved
     summary.rejected += summary.duplicates_moved
@@ -234,6 +227,7 @@ def plan_shards(out: Path, shards: list[SourceShard], cfg: CurateConfig) -> list
             "source.changed: recurate to curate them again (their old rows are replaced), or use a new --out")
     for shard in changed:
         log.warning("%s changed since it was curated; curating it again", shard.path)
+        clear_partial(out, shard.shard_id)  # its old rows go first: a kill in between still reads as changed
         manifest.forget(shard.shard_id)
     redo = {s.shard_id for s in changed}
     return [s for s in shards if s.shard_id not in done or s.shard_id in redo]
@@ -247,69 +241,3 @@ def _changed(manifest: Manifest, shard: SourceShard) -> bool:
         return fingerprint(shard) != recorded
     except OSError:
         return True
-
-
-def _run_here(todo: list[SourceShard], cfg: CurateConfig, out: Path, summary: RunSummary,
-              finished: Callable[[ShardResult], None], skip: frozenset[str]) -> None:
-    for shard in todo:
-        try:
-            result = _process_guarded(shard, cfg, str(out), None, skip)
-        except Exception as exc:
-            log.exception("shard %s failed", shard.shard_id)
-            summary.failed[shard.shard_id] = f"{type(exc).__name__}: {exc}"
-            continue
-        if isinstance(result, Fatal):
-            raise RunAborted(f"shard {result.shard_id}: {result.message}")
-        finished(result)
-
-
-def _run_on_ray(todo: list[SourceShard], cfg: CurateConfig, out: Path, summary: RunSummary,
-                finished: Callable[[ShardResult], None], skip: frozenset[str], models: list) -> None:
-    if not todo:
-        return
-    pools = start_pools(models)
-    try:
-        _dispatch(todo, cfg, out, summary, finished, pools, skip)
-    finally:
-        stop_pools(pools)
-
-
-def _check_fits(pool_cpus: float, pool_gpus: float) -> None:
-    """Actors that hold every CPU leave shard tasks waiting forever: refuse to start."""
-    have = ray.cluster_resources()
-    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
-    if pool_cpus + 1 > cpus:
-        raise ConfigError(
-            f"the model actor pools reserve {pool_cpus:g} CPUs and a shard task needs 1, but the Ray cluster has "
-            f"{cpus:g}: lower signals.<name>.actors or cpus_per_actor, or use a larger cluster")
-    if pool_gpus > gpus:
-        raise ConfigError(f"the model actor pools ask for {pool_gpus:g} GPUs, but the Ray cluster has {gpus:g}: "
-                          "set signals.<name>.gpus_per_actor to 0 to run on CPU")
-
-
-def _dispatch(todo: list[SourceShard], cfg: CurateConfig, out: Path, summary: RunSummary,
-              finished: Callable[[ShardResult], None], pools: Pools, skip: frozenset[str]) -> None:
-    remote = ray.remote(_process_guarded).options(num_cpus=1, max_retries=cfg.run.task_retries,
-                                                   retry_exceptions=cfg.run.task_retries > 0)
-    cfg_ref = ray.put(cfg)
-    pending: dict[Any, SourceShard] = {}
-    queue = list(reversed(todo))
-    while queue or pending:
-        while queue and len(pending) < cfg.run.workers:
-            shard = queue.pop()
-            pending[remote.remote(shard, cfg_ref, str(out), pools, skip)] = shard
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            shard = pending.pop(ref)
-            try:
-                result = ray.get(ref)
-            except Exception as exc:
-                cause = getattr(exc, "cause", None) or exc
-                log.error("shard %s failed: %s", shard.shard_id, cause)
-                summary.failed[shard.shard_id] = f"{type(cause).__name__}: {cause}"
-                continue
-            if isinstance(result, Fatal):
-                for other in pending:
-                    ray.cancel(other, force=True)
-                raise RunAborted(f"shard {result.shard_id}: {result.message}")
-            finished(result)

@@ -31,7 +31,9 @@ from conftest import photo_samples, write_webdataset
 from schemas.config import Bounds, CurateConfig, OutputConfig
 from tasks import dedupe
 from tasks.dedupe import dedupe_keys
+from tasks.process import process_shard
 from tasks.runner import run
+from tasks.sources import discover
 from tasks.stats import compute_stats
 
 ROOT = Path(__file__).parents[1]
@@ -289,7 +291,9 @@ def test_a_shard_redone_after_a_killed_pass_is_planned_again(small, tmp_path, ca
     """Killed between a part's rename and its reject file's; that shard then loses its manifest
     entry (its source changed, say) and is done again before the next pass. The journal's steps
     for it no longer match its files: they are dropped, not applied over the new files (its
-    reject file would repeat rows the redone part holds), and the new pass moves its duplicates."""
+    reject file would repeat rows the redone part holds), and the new pass moves its duplicates.
+    (A run finishes a killed pass before it redoes any shard, see the next test; this is the
+    journal's own guard against a redo by any other means.)"""
     total = count_calls(small, tmp_path / "count")
     out = small.copy(tmp_path / "out")
     first_rename = next(k for k in range(total) if committed(small, tmp_path / "probe", k)) + 1
@@ -299,7 +303,8 @@ def test_a_shard_redone_after_a_killed_pass_is_planned_again(small, tmp_path, ca
     assert not (out / part["src"]).exists() and (out / reject["src"]).exists()
     victim = journal[0]["shard_id"]
     (out / "_manifest" / f"{victim}.json").unlink()
-    assert run(small.src, out, small.cfg, use_ray=False, dedupe=False).shards_done == 1
+    shard = next(x for x in discover(small.src, small.cfg.source) if x.shard_id == victim)
+    process_shard(shard, small.cfg, out)
 
     prepare = dedupe._prepare  # between finishing the old journal and planning anew
     monkeypatch.setattr(dedupe, "_prepare", lambda out: (assert_consistent(out), prepare(out))[1])
@@ -312,6 +317,18 @@ def test_a_shard_redone_after_a_killed_pass_is_planned_again(small, tmp_path, ca
         entries[victim] = {k: entries[victim][k] for k in ("shard_id", "source", *COUNTS)}
     assert got == want
     assert_no_leftovers(out)
+
+
+def test_a_run_finishes_a_killed_pass_before_anything_else(small, tmp_path):
+    total = count_calls(small, tmp_path / "count")
+    out = small.copy(tmp_path / "out")
+    first_rename = next(k for k in range(total) if committed(small, tmp_path / "probe", k)) + 1
+    assert interrupt(out, first_rename + 1, Killed())
+    assert (out / "_dedupe" / "journal.json").exists()
+    assert run(small.src, out, small.cfg, use_ray=False, dedupe=False).shards_done == 0
+    assert not (out / "_dedupe").exists()
+    assert_consistent(out)
+    assert_manifest_tells_the_disk(out)
 
 
 def test_outputs_of_the_old_in_place_pass_are_repaired(small, tmp_path):

@@ -22,8 +22,9 @@ from conftest import photo, photo_samples, write_webdataset
 
 from schemas.config import CurateConfig
 from tasks.actors import start_pools, stop_pools
+from tasks.dispatch import _process_guarded
 from tasks.process import SourceChanged, process_shard
-from tasks.runner import RunAborted, _process_guarded, run
+from tasks.runner import RunAborted, run
 from tasks.shards import Manifest
 from tasks.signals import build_signals, registry
 from tasks.signals.base import ModelParams, ModelSignal, Sample
@@ -123,7 +124,7 @@ def test_a_model_error_is_the_rows_reject_with_the_models_own_text(tmp_path: Pat
 def test_a_model_failing_on_most_rows_stops_the_run(tmp_path: Path, ray_runtime, slow_signal) -> None:
     for t in range(3):
         write_webdataset(tmp_path / "src" / f"{t}.tar", [(f"{t}k{i}", photo("cat.jpg"), "BAD", "jpg")
-                                                         for i in range(6)])
+                                                         for i in range(12)])
     cfg = CurateConfig(signals={"slow": {"fail": "BAD", "batch_size": 2}}, rules={})
     failing = r"signal slow failed on \d+ of the \d+ rows .* ValueError: cannot caption 'BAD'"
     with pytest.raises(RunAborted, match=failing):
@@ -132,7 +133,7 @@ def test_a_model_failing_on_most_rows_stops_the_run(tmp_path: Path, ray_runtime,
     assert not list((tmp_path / "out").glob("shards/*.parquet"))
     pools = start_pools(build_signals(cfg.signals))  # the same through a pool on Ray
     try:
-        assert "failed on 6 of the 6 rows" in _process_guarded(discover(tmp_path / "src", cfg.source)[0], cfg,
+        assert "failed on 12 of the 12 rows" in _process_guarded(discover(tmp_path / "src", cfg.source)[0], cfg,
                                                                str(tmp_path / "out"), pools, frozenset()).message
     finally:
         stop_pools(pools)
@@ -330,7 +331,7 @@ def test_a_listener_that_is_not_ray_times_out_within_the_configured_time() -> No
 def test_only_failures_every_shard_would_meet_stop_the_run(tmp_path: Path) -> None:
     import errno
 
-    from tasks.runner import fatal_reason
+    from tasks.dispatch import fatal_reason
 
     out = tmp_path / "out"
     assert fatal_reason(OSError(errno.ENOSPC, "No space left on device", str(out / "x")), out)

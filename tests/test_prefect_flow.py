@@ -144,3 +144,25 @@ def test_train_deployment_trains_on_analyzed_shards_and_exports(tmp_path, stack)
     assert load_pipeline(tmp_path / "run" / "model").scheduler.config.num_train_timesteps == 1000  # stage concept
     with client(env) as c:
         assert "train-summary" in {a.key for a in c.read_artifacts()}
+
+
+def test_groups_do_not_wait_for_a_slow_group(tmp_path, stack):
+    """One big shard (its own group) runs while the small groups start, run and finish: no
+    barrier between groups. The sequential flow of before started group 2 when group 1 ended."""
+    _, _, env = stack
+    write_webdataset(tmp_path / "src" / "00000.tar",
+                     [s for r in range(8) for s in photo_samples(f"big{r}-")])  # 8x the others
+    for t in range(1, 4):
+        write_webdataset(tmp_path / "src" / f"{t:05d}.tar", photo_samples(f"{t}-"))
+    (tmp_path / "c.yaml").write_text(CHEAP + "run: {workers: 2}\n")
+    result = deployment_run(env, f"source={tmp_path / 'src'}", f"out={tmp_path / 'out'}",
+                            f"config={tmp_path / 'c.yaml'}", "shards_per_task=1")
+    assert result.returncode == 0 and "Completed" in result.stdout, result.stdout[-2000:]
+    with client(env) as c:
+        latest = max(c.read_flow_runs(), key=lambda r: r.created)
+        groups = sorted((t for t in c.read_task_runs() if t.flow_run_id == latest.id
+                         and t.name.startswith("curate-")), key=lambda t: t.start_time)
+    assert len(groups) == 4
+    big = max(groups, key=lambda t: t.end_time - t.start_time)  # 00000.tar, the first group submitted
+    others = [t for t in groups if t is not big]
+    assert sum(t.end_time < big.end_time for t in others) >= 2, [(t.start_time, t.end_time) for t in groups]

@@ -43,7 +43,7 @@ def detect_kind(root: Path) -> str:
 
 
 def discover(source: str | Path, cfg: SourceConfig) -> list[SourceShard]:
-    root = Path(source)
+    root = Path(source).resolve()  # shard tasks may run elsewhere (other nodes, other working directories)
     if not root.exists():
         raise SourceError(f"source not found: {root}")
     kind = detect_kind(root)

@@ -1,0 +1,193 @@
+"""The stream of shard tasks of one run: bounded in flight, shared by every caller.
+
+A run (``tasks.runner.open_run``) owns one ``Dispatcher``: the model pools (started once per
+run, stopped at its end), the config in Ray's object store, and ``run.workers`` slots. Any
+number of threads may call ``run_shards`` on it at once (the Prefect flow's shard groups
+do): together they never have more than ``run.workers`` shard tasks in flight, so a group
+waiting on a straggler holds one slot, not the cluster, and memory stays bounded (a task that
+waits on a pool gives its CPU back to Ray, which would otherwise start more shards).
+
+A failure every shard would meet (a signal failing on most rows, a full or read-only output)
+stops every caller: no more shards are started, those in flight are cancelled, and
+``RunAborted`` is raised.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from schemas.config import ConfigError, CurateConfig
+from tasks.actors import Pools, PoolUnavailable, pool_resources, start_pools, stop_pools
+from tasks.chain import SignalFailing
+from tasks.process import ShardResult, process_shard
+from tasks.sources import SourceShard
+
+log = logging.getLogger(__name__)
+
+Finished = Callable[[ShardResult], None]
+
+
+class RunAborted(RuntimeError):
+    """A failure no retry or other shard can get past: the run stopped; a rerun resumes."""
+
+
+# Errors of a file system that every shard would meet: a full or read-only one, and (for paths
+# in the output only: a source file one cannot read is that shard's problem) a permission error.
+FULL_OR_READ_ONLY = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
+NOT_PERMITTED = frozenset({errno.EACCES, errno.EPERM})
+
+
+def fatal_reason(exc: BaseException, out: str | Path) -> str | None:
+    """The message to stop the run with, or None for a failure of this shard alone."""
+    if isinstance(exc, SignalFailing | PoolUnavailable):  # every shard would meet a dead pool too
+        return str(exc)
+    if not isinstance(exc, OSError):
+        return None
+    in_out = bool(exc.filename) and Path(str(exc.filename)).resolve().is_relative_to(Path(out).resolve())
+    if exc.errno in FULL_OR_READ_ONLY or (exc.errno in NOT_PERMITTED and in_out):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"cannot write the output{where}: {exc.strerror or exc}"
+    return None
+
+
+@dataclass
+class Fatal:
+    """What a shard task returns instead of raising, so that Ray does not retry it."""
+
+    shard_id: str
+    message: str
+
+
+def _process_guarded(shard: SourceShard, cfg: CurateConfig, out: str, pools: Pools | None,
+                     skip: frozenset[str]) -> ShardResult | Fatal:
+    """One shard; a fatal failure comes back as ``Fatal`` (not retried), anything else raises."""
+    try:
+        return process_shard(shard, cfg, Path(out), pools, skip)
+    except Exception as exc:
+        if (message := fatal_reason(exc, out)) is not None:
+            return Fatal(shard.shard_id, message)
+        raise
+
+
+def check_fits(pool_cpus: float, pool_gpus: float) -> None:
+    """Actors that hold every CPU leave shard tasks waiting forever: refuse to start."""
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    if pool_cpus + 1 > cpus:
+        raise ConfigError(
+            f"the model actor pools reserve {pool_cpus:g} CPUs and a shard task needs 1, but the Ray cluster has "
+            f"{cpus:g}: lower signals.<name>.actors or cpus_per_actor, or use a larger cluster")
+    if pool_gpus > gpus:
+        raise ConfigError(f"the model actor pools ask for {pool_gpus:g} GPUs, but the Ray cluster has {gpus:g}: "
+                          "set signals.<name>.gpus_per_actor to 0 to run on CPU")
+
+
+class Dispatcher:
+    """Shard work of one run, on Ray (``use_ray``) or in this process."""
+
+    def __init__(self, cfg: CurateConfig, out: Path, skip: frozenset[str], models: list, *, use_ray: bool,
+                 ray_retries: int):
+        """``ray_retries``: Ray's retries of a failed shard task (0 when a Prefect task retries
+        the group, so the two do not multiply)."""
+        self.cfg, self.out, self.skip, self.models, self.use_ray = cfg, out, skip, models, use_ray
+        self.ray_retries = ray_retries
+        self.slots = threading.BoundedSemaphore(cfg.run.workers)
+        self.aborted: str | None = None
+        self.pools: Pools | None = None
+        self._start_lock = threading.Lock()
+        self._remote: Any = None
+        self._cfg_ref: Any = None
+
+    def start(self) -> None:
+        """Pools and the remote function, once (a run with nothing to do starts none)."""
+        with self._start_lock:
+            if self._remote is not None:
+                return
+            check_fits(*pool_resources(self.models))
+            self.pools = start_pools(self.models)
+            self._cfg_ref = ray.put(self.cfg)
+            self._remote = ray.remote(_process_guarded).options(
+                num_cpus=1, max_retries=self.ray_retries, retry_exceptions=self.ray_retries > 0)
+
+    def close(self) -> None:
+        if self.pools:
+            stop_pools(self.pools)
+        self.pools = None
+
+    def run_shards(self, todo: list[SourceShard], finished: Finished) -> dict[str, str]:
+        """Process ``todo``; returns shard_id -> error for those that failed (after Ray's retries).
+        Raises ``RunAborted`` if the run was stopped (by this call or another)."""
+        if not todo:
+            return {}
+        failed = self._on_ray(todo, finished) if self.use_ray else self._here(todo, finished)
+        if self.aborted:
+            raise RunAborted(self.aborted)
+        return failed
+
+    def _abort(self, result: Fatal) -> None:
+        self.aborted = self.aborted or f"shard {result.shard_id}: {result.message}"
+
+    def _here(self, todo: list[SourceShard], finished: Finished) -> dict[str, str]:
+        failed: dict[str, str] = {}
+        for shard in todo:
+            if self.aborted:
+                break
+            try:
+                result = _process_guarded(shard, self.cfg, str(self.out), None, self.skip)
+            except Exception as exc:
+                log.exception("shard %s failed", shard.shard_id)
+                failed[shard.shard_id] = f"{type(exc).__name__}: {exc}"
+                continue
+            if isinstance(result, Fatal):
+                self._abort(result)
+            else:
+                finished(result)
+        return failed
+
+    def _on_ray(self, todo: list[SourceShard], finished: Finished) -> dict[str, str]:
+        self.start()
+        failed: dict[str, str] = {}
+        pending: dict[Any, SourceShard] = {}
+        queue = list(reversed(todo))
+        while (queue and not self.aborted) or pending:
+            if self.aborted:  # another caller (or this one) stopped the run
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                # gone before the lock is released: a next run must not meet them in _tmp/
+                ray.wait(list(pending), num_returns=len(pending), timeout=60)
+                for _ in pending:
+                    self.slots.release()
+                break
+            if queue and self.slots.acquire(timeout=0 if pending else 0.5):
+                shard = queue.pop()
+                pending[self._remote.remote(shard, self._cfg_ref, str(self.out), self.pools, self.skip)] = shard
+                continue
+            if not pending:
+                continue
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in ready:
+                shard = pending.pop(ref)
+                self.slots.release()
+                self._collect(ref, shard, failed, finished)
+        return failed
+
+    def _collect(self, ref: Any, shard: SourceShard, failed: dict[str, str], finished: Finished) -> None:
+        try:
+            result = ray.get(ref)
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc
+            log.error("shard %s failed: %s", shard.shard_id, cause)
+            failed[shard.shard_id] = f"{type(cause).__name__}: {cause}"
+            return
+        if isinstance(result, Fatal):
+            self._abort(result)
+        else:
+            finished(result)
