@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import threading
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -29,7 +28,7 @@ from prefect.utilities.annotations import quote
 from schemas.config import load_config
 from tasks.dedupe import dedupe_keys
 from tasks.lock import output_lock
-from tasks.runner import RunAborted, RunContext, guard_run_config, open_run
+from tasks.runner import RunAborted, RunContext, check_run, open_run
 from tasks.shards import Manifest
 from tasks.sources import SourceShard, discover
 from tasks.stats import compute_stats, format_markdown
@@ -105,7 +104,7 @@ def curate(source: str, out: str, config: str | None = None, mode: str = "curate
     cfg = load_config(config)  # a bad config fails here, before any work
     shards = discover(source, cfg.source)
     # and so does resuming `out` with another config, or a run already working on it
-    guard_run_config(Path(out), mode, cfg.without_rules() if mode == "analyze" else cfg, source, write=False)
+    check_run(source, out, cfg, mode)
     with output_lock(out, f"prefect flow curate --source {source}"):
         run = open_run(source, out, cfg, mode=mode, shards=shards, ray_retries=0)
         try:

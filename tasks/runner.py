@@ -143,6 +143,18 @@ class RunContext:
     dispatcher: Dispatcher
 
 
+def check_run(source: str | Path, out: str | Path, cfg: CurateConfig, mode: str) -> CurateConfig:
+    """What can refuse a run, checked before anything (the lock included) is written: the mode,
+    the signals that cannot run here, the output's stamp. Returns the config as run."""
+    if mode == "analyze":
+        cfg = cfg.without_rules()
+    elif mode != "curate":
+        raise ValueError(f"mode must be curate or analyze, not {mode!r}")
+    plan_signals(cfg)
+    guard_run_config(Path(out), mode, cfg, str(source), write=False)
+    return cfg
+
+
 def open_run(source: str | Path, out: str | Path, cfg: CurateConfig, *, mode: str = "curate",
              shards: list[SourceShard] | None = None, use_ray: bool = True,
              ray_retries: int | None = None) -> RunContext:
@@ -150,14 +162,10 @@ def open_run(source: str | Path, out: str | Path, cfg: CurateConfig, *, mode: st
     shards (refusing or forgetting changed ones), join or start Ray, stamp the run, clear the
     attempts of killed runs. Call with the output's lock held. ``ray_retries`` defaults to
     ``run.task_retries``."""
-    if mode == "analyze":
-        cfg = cfg.without_rules()
-    elif mode != "curate":
-        raise ValueError(f"mode must be curate or analyze, not {mode!r}")
+    cfg = check_run(source, out, cfg, mode)
     out = Path(out).resolve()  # shard tasks on other nodes (other working directories) get this path
-    skip = plan_signals(cfg)
+    skip = frozenset(unavailable_signals(build_signals(cfg.signals), cfg.rules))  # check_run warned
     shards = shards if shards is not None else discover(source, cfg.source)
-    guard_run_config(out, mode, cfg, str(source), write=False)
     recover(out)  # a duplicate pass killed last time is finished before anything else
     todo = plan_shards(out, shards, cfg)
     models = [s for s in build_signals(cfg.signals) if s.uses_actor and s.name not in skip]
@@ -192,6 +200,7 @@ def run(
     ``shards`` limits the run to some of the source's shards. Holds the output's lock
     throughout (``tasks.lock``)."""
     started = time.perf_counter()
+    check_run(source, out, cfg, mode)
     with output_lock(out, f"t2i {mode} --source {source}"):
         ctx = open_run(source, out, cfg, mode=mode, shards=shards, use_ray=use_ray)
         summary = ctx.summary
