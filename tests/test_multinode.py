@@ -1,6 +1,7 @@
 """A real two-node Ray cluster on this machine: shard tasks run on both nodes, and losing the
-second node (its raylet killed) mid-run loses and duplicates nothing; model actors that lived
-there come back on the head."""
+second node (its raylet killed) mid-run loses and duplicates nothing; a model actor that lived
+there comes back on the head. The head alone must still fit the pool and one shard task: a
+cluster that loses the room for shard tasks waits for it (Ray queues the tasks)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ray_cluster import RayCluster
 
 from tasks.shards import Manifest
 
-CONFIG = """signals: {resolution: {}, caption: {}, sharpness: {}, phash: {}, faces: {batch_size: 4, actors: 2}}
+CONFIG = """signals: {resolution: {}, caption: {}, sharpness: {}, phash: {}, faces: {batch_size: 4}}
 rules: {sharpness: {min: 300}, face_count: {max: 1}}
 run: {workers: 3, task_retries: 2}
 """
