@@ -140,16 +140,8 @@ class Dispatcher:
         for shard in todo:
             if self.aborted:
                 break
-            try:
-                result = _process_guarded(shard, self.cfg, str(self.out), None, self.skip)
-            except Exception as exc:
-                log.exception("shard %s failed", shard.shard_id)
-                failed[shard.shard_id] = f"{type(exc).__name__}: {exc}"
-                continue
-            if isinstance(result, Fatal):
-                self._abort(result)
-            else:
-                finished(result)
+            self._collect(lambda s=shard: _process_guarded(s, self.cfg, str(self.out), None, self.skip),
+                          shard, failed, finished)
         return failed
 
     def _on_ray(self, todo: list[SourceShard], finished: Finished) -> dict[str, str]:
@@ -176,12 +168,14 @@ class Dispatcher:
             for ref in ready:
                 shard = pending.pop(ref)
                 self.slots.release()
-                self._collect(ref, shard, failed, finished)
+                self._collect(lambda r=ref: ray.get(r), shard, failed, finished)
         return failed
 
-    def _collect(self, ref: Any, shard: SourceShard, failed: dict[str, str], finished: Finished) -> None:
+    def _collect(self, result_of: Callable[[], ShardResult | Fatal], shard: SourceShard, failed: dict[str, str],
+                 finished: Finished) -> None:
+        """One shard's outcome, here or from Ray: done, failed (recorded), or the run stopped."""
         try:
-            result = ray.get(ref)
+            result = result_of()
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc
             log.error("shard %s failed: %s", shard.shard_id, cause)
