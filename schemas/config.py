@@ -7,7 +7,7 @@ what its column can hold (``rules.short_side.min: -256``) is an error too.
 
 How a config merges with the defaults:
 
-- ``source``, ``decode``, ``buckets``, ``output`` and ``run`` merge key by key: a key left
+- ``source``, ``decode``, ``buckets``, ``output``, ``run`` and ``storage`` merge key by key: a key left
   out keeps its default, so ``run: {workers: 8}`` changes only the worker count.
 - ``signals:`` replaces the default signal list: only the signals it names run.
 - ``rules:`` replaces the default rules: exactly the rules it lists apply (``rules: {}``
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -113,6 +113,19 @@ class RunConfig(Strict):
     )
 
 
+class StorageConfig(Strict):
+    """Object storage (``s3://``, ``gs://``) for the source and the output. What is left out comes
+    from the standard variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, ...)
+    and ``~/.aws``. Keys given here are secrets: never shown, and stored as ``**********`` in the
+    output's run stamp."""
+
+    endpoint_url: str | None = Field(None, description="an S3-compatible server (MinIO, SeaweedFS): http://host:port")
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    anonymous: bool = Field(False, description="public buckets: send no credentials")
+
+
 # Kolors' stage-2 filters, cheapest first. The aesthetic signal is not on by default: its
 # weights (CLIP ViT-L/14 + the LAION head) must be put on disk and named in the config.
 DEFAULT_SIGNALS: dict[str, dict[str, Any]] = {
@@ -149,6 +162,7 @@ class CurateConfig(Strict):
     buckets: BucketConfig = BucketConfig()
     output: OutputConfig = OutputConfig()
     run: RunConfig = RunConfig()
+    storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="before")
     @classmethod

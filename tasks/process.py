@@ -6,7 +6,7 @@ small counts out; the rows never leave the worker.
 
 from __future__ import annotations
 
-import shutil
+import secrets
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -15,8 +15,9 @@ from pathlib import Path
 from schemas.config import CurateConfig
 from tasks.actors import Pools
 from tasks.chain import Chain
-from tasks.shards import Manifest, PartWriter, clear_partial
+from tasks.shards import ATTEMPTS, TMP, Manifest, PartWriter, clear_partial
 from tasks.sources import SourceShard, fingerprint, read_shard
+from tasks.storage import Store, as_store
 
 
 class SourceChanged(RuntimeError):
@@ -52,25 +53,27 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
-def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, pools: Pools | None = None,
+def process_shard(shard: SourceShard, cfg: CurateConfig, out: Store | str | Path, pools: Pools | None = None,
                   skip: frozenset[str] = frozenset()) -> ShardResult:
-    """Curate one shard into ``out``. Safe to call again after a crash: it clears the
-    leftovers of an earlier attempt first, and publishes atomically per part."""
+    """Curate one shard into ``out`` (a local path or an object-store URL). Safe to call again
+    after a crash: it clears the leftovers of an earlier attempt first, and its manifest entry,
+    written last, is the commit (tasks/shards.py)."""
     started, started_at = time.perf_counter(), time.time()
-    out = Path(out)
+    store = as_store(out, cfg.storage)
     chain = Chain(cfg, pools, skip)
-    clear_partial(out, shard.shard_id)
+    clear_partial(store, shard.shard_id)
+    attempt = secrets.token_hex(4)
     writers = {
-        kind: PartWriter(out, kind, shard.shard_id, schema, cfg.output.max_rows_per_shard,
-                         cfg.output.max_bytes_per_shard, cfg.output.row_group_rows)
+        kind: PartWriter(store, kind, shard.shard_id, schema, cfg.output.max_rows_per_shard,
+                         cfg.output.max_bytes_per_shard, cfg.output.row_group_rows, attempt=attempt)
         for kind, schema in (("shards", chain.kept_schema), ("rejects", chain.reject_schema))
     }
     result = ShardResult(shard.shard_id, shard.path, started_at=round(started_at, 3), node=_node_id(),
-                         fingerprint=fingerprint(shard))
+                         fingerprint=fingerprint(shard, cfg.storage))
     reasons: Counter[str] = Counter()
     kept_keys: set[str] = set()
     try:
-        for batch in read_shard(shard, cfg.source, cfg.decode.max_file_bytes):
+        for batch in read_shard(shard, cfg.source, cfg.decode.max_file_bytes, cfg.storage):
             scored = chain.score_batch(batch, kept_keys)
             writers["shards"].add(scored.kept)
             writers["rejects"].add(scored.rejects)
@@ -82,15 +85,18 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Path, pools: Pools
         for writer in writers.values():
             writer.abort()
         raise
-    if fingerprint(shard) != result.fingerprint:
+    if fingerprint(shard, cfg.storage) != result.fingerprint:
         raise SourceChanged(f"{shard.path} changed while it was read; it is not recorded as done "
                             "(read again by a retry or the next run)")
     for writer in writers.values():
         result.files += writer.publish()
-    shutil.rmtree(out / "_tmp" / shard.shard_id, ignore_errors=True)
     result.kept = writers["shards"].count
     result.rejected = writers["rejects"].count
     result.reasons = dict(reasons)
     result.seconds = round(time.perf_counter() - started, 3)
-    Manifest(out).record(shard.shard_id, result.to_dict())
+    Manifest(store).record(shard.shard_id, result.to_dict())  # the commit
+    if store.renames:
+        store.delete_tree(f"{TMP}/{shard.shard_id}")
+    else:  # committed: its parts are no longer leftovers to sweep
+        store.delete(f"{ATTEMPTS}/{shard.shard_id}/{attempt}.json")
     return result

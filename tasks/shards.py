@@ -1,92 +1,151 @@
-"""Atomic Parquet output and the manifest that makes a killed run resumable.
+"""Atomic Parquet output and the manifest that makes a killed run resumable, on any store.
 
-Layout under the output folder::
+Layout under the output (a local folder or an object-store prefix)::
 
-    shards/{shard_id}.part00000.parquet    kept rows
-    rejects/{shard_id}.part00000.parquet   rejected rows with their reason
-    _manifest/{shard_id}.json              written last: this source shard is done
-    _tmp/{shard_id}/                       parts being written
+    shards/{part}.parquet     kept rows
+    rejects/{part}.parquet    rejected rows with their reason
+    _manifest/{shard_id}.json written last: this source shard is done, and these are its files
 
-A source shard's parts are written into ``_tmp`` (temporary name, then rename), moved
-into place when the shard is finished, and only then is its manifest entry written. On
-resume a shard with a manifest entry is skipped; any other shard's leftovers are deleted
-and the shard is done again, so nothing is lost and nothing is written twice.
+The manifest entry is the commit: a shard's rows count only once its entry lists them.
+
+- Local: parts are written under ``_tmp/{shard_id}/`` (fsynced), renamed into place when the
+  shard is finished, then the entry is written (``{shard_id}.part00000.parquet``). A glob of
+  ``shards/*.parquet`` therefore only ever sees committed parts.
+- Object stores have no rename: parts are written straight under their final names, unique to
+  the attempt (``{shard_id}.{attempt}.part00000.parquet``), so an attempt that outlives its
+  retry (a node cut off, not dead) can never overwrite the parts the manifest lists. Before
+  each part is opened its name is added to ``_attempts/{shard_id}/{attempt}.json``; that record
+  is what lets a resumed run (``sweep_uncommitted``) delete an attempt's leftovers without
+  listing the whole output. While a record exists, a glob may see uncommitted parts, so
+  ``committed_files`` lists the manifest's files instead.
+
+On resume a shard with a manifest entry is skipped; any other shard's leftovers are deleted and
+the shard is done again, so nothing is lost and nothing is written twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import secrets
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-KINDS = ("shards", "rejects")
+from tasks.storage import Store, as_store
 
+KINDS = ("shards", "rejects")
+MANIFEST = "_manifest"
+ATTEMPTS = "_attempts"
+TMP = "_tmp"
 
 ROW_GROUP_ROWS = 256
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """A local file written beside, fsynced, renamed."""
+    store = as_store(path.parent)
+    store.write_bytes(path.name, data)
 
 
 def write_table_atomic(path: Path, table: pa.Table, row_group_rows: int = ROW_GROUP_ROWS) -> None:
-    """Write beside, then rename. Row groups stay small (a few hundred images): a reader that
-    needs some rows (the trainer resuming mid-epoch, DuckDB splitting work) reads one group, not
-    the whole part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # Through our own handle: pyarrow's own file, on ENOSPC, stays open (space held) while the
-    # exception's traceback lives.
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd", row_group_size=row_group_rows)
-        fh.flush()
-        os.fsync(fh.fileno())  # on disk before the rename (and the manifest) can say it is done
-    os.replace(tmp, path)
+    """Row groups stay small (a few hundred images): a reader that needs some rows (the trainer
+    resuming mid-epoch, DuckDB splitting work) reads one group, not the whole part."""
+    as_store(path.parent).write_parquet(path.name, table, row_group_rows)
 
 
 class Manifest:
     """Which source shards are finished, one small JSON file each (no shared file to lock)."""
 
-    def __init__(self, out: Path):
-        self.dir = out / "_manifest"
+    def __init__(self, out: Store | str | Path):
+        self.store = as_store(out)
+
+    def _rel(self, shard_id: str) -> str:
+        return f"{MANIFEST}/{shard_id}.json"
 
     def done_ids(self) -> set[str]:
-        if not self.dir.is_dir():
-            return set()
-        return {p.stem for p in self.dir.glob("*.json")}
+        return {e.rel.rsplit("/", 1)[-1].removesuffix(".json") for e in self.store.list(MANIFEST, ".json")}
 
     def record(self, shard_id: str, entry: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.dir / f"{shard_id}.json", json.dumps(entry, indent=1).encode())
+        self.store.write_bytes(self._rel(shard_id), json.dumps(entry, indent=1).encode())
 
     def entries(self) -> list[dict[str, Any]]:
-        if not self.dir.is_dir():
-            return []
-        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
+        return [json.loads(self.store.read_bytes(e.rel)) for e in self.store.list(MANIFEST, ".json")]
 
     def entry(self, shard_id: str) -> dict[str, Any]:
-        return json.loads((self.dir / f"{shard_id}.json").read_text())
+        return json.loads(self.store.read_bytes(self._rel(shard_id)))
 
     def forget(self, shard_id: str) -> None:
         """Mark a shard not done (its source changed): the next attempt redoes it whole."""
-        (self.dir / f"{shard_id}.json").unlink(missing_ok=True)
+        self.store.delete(self._rel(shard_id))
 
 
-def clear_partial(out: Path, shard_id: str) -> None:
+def committed_files(out: Store | str | Path, kind: str) -> list[str]:
+    """The URLs of ``kind``'s committed parts. Where no attempt is open (always, locally: parts
+    arrive by rename), that is what a listing shows; otherwise the manifest's files."""
+    store = as_store(out)
+    if store.renames or not store.list(ATTEMPTS, ".json", recursive=True):
+        return [store.url(e.rel) for e in store.list(kind, ".parquet")]
+    listed = {f for entry in Manifest(store).entries() for f in entry.get("files", []) if f.startswith(f"{kind}/")}
+    return [store.url(rel) for rel in sorted(listed)]
+
+
+def committed_glob(out: Store | str | Path, kind: str) -> str | list[str] | None:
+    """What DuckDB's ``read_parquet`` should read for ``kind``: the folder's glob where it shows
+    only committed parts, else the list of them; None if there is none."""
+    store = as_store(out)
+    files = committed_files(store, kind)
+    if not files:
+        return None
+    if store.renames or not store.list(ATTEMPTS, ".json", recursive=True):
+        return store.url(f"{kind}/*.parquet")
+    return files
+
+
+def clear_partial(out: Store | str | Path, shard_id: str) -> None:
     """Remove whatever an interrupted attempt at this shard left behind."""
-    shutil.rmtree(out / "_tmp" / shard_id, ignore_errors=True)
-    for kind in KINDS:
-        for leftover in (out / kind).glob(f"{shard_id}.part*.parquet"):
-            leftover.unlink(missing_ok=True)
+    store = as_store(out)
+    if store.renames:
+        store.delete_tree(f"{TMP}/{shard_id}")
+        for kind in KINDS:
+            for leftover in Path(store.path(kind)).glob(f"{shard_id}.part*.parquet"):
+                leftover.unlink(missing_ok=True)
+        return
+    keep = set()
+    if store.exists(f"{MANIFEST}/{shard_id}.json"):
+        keep = set(Manifest(store).entry(shard_id).get("files", []))
+    for record in store.list(f"{ATTEMPTS}/{shard_id}", ".json"):
+        for rel in json.loads(store.read_bytes(record.rel)).get("files", []):
+            if rel not in keep:
+                store.delete(rel)
+        store.delete(record.rel)
+
+
+def drop_committed(out: Store | str | Path, shard_id: str) -> None:
+    """Delete a done shard's files and its entry (its source changed): entry first, so a kill in
+    between leaves a shard that is simply not done."""
+    store = as_store(out)
+    manifest = Manifest(store)
+    files = manifest.entry(shard_id).get("files", []) if store.exists(f"{MANIFEST}/{shard_id}.json") else []
+    manifest.forget(shard_id)
+    for rel in files:
+        store.delete(rel)
+    clear_partial(store, shard_id)
+
+
+def sweep_uncommitted(out: Store | str | Path) -> int:
+    """Remove every attempt's leftovers (a run's start and end, under the output's lock, when
+    no shard of this run is being written); returns how many attempts were swept."""
+    store = as_store(out)
+    if store.renames:
+        store.delete_tree(TMP)
+        return 0
+    shards = {e.rel.split("/")[1] for e in store.list(ATTEMPTS, ".json", recursive=True)}
+    for shard_id in sorted(shards):
+        clear_partial(store, shard_id)
+    return len(shards)
 
 
 class PartWriter:
@@ -94,19 +153,21 @@ class PartWriter:
 
     Rows go to the open part's file a row group at a time, so a shard task holds at most one
     row group of output (plus the input batch being scored), whatever ``max_rows`` is: memory
-    does not grow with part size. Files are written under ``_tmp/`` and moved into place by
-    ``publish`` once the whole shard is done."""
+    does not grow with part size. ``publish`` makes the finished parts visible (a rename
+    locally; nothing to do on an object store, where they were written in place)."""
 
-    def __init__(self, out: Path, kind: str, shard_id: str, schema: pa.Schema, max_rows: int, max_bytes: int,
-                 row_group_rows: int = ROW_GROUP_ROWS):
-        self.out, self.kind, self.shard_id, self.schema = out, kind, shard_id, schema
+    def __init__(self, out: Store | str | Path, kind: str, shard_id: str, schema: pa.Schema, max_rows: int,
+                 max_bytes: int, row_group_rows: int = ROW_GROUP_ROWS, attempt: str | None = None):
+        self.store = as_store(out)
+        self.kind, self.shard_id, self.schema = kind, shard_id, schema
         self.max_rows, self.max_bytes, self.row_group_rows = max_rows, max_bytes, row_group_rows
-        self.tmp_dir = out / "_tmp" / shard_id
+        self.attempt = attempt or secrets.token_hex(4)
         self.pending: list[pa.RecordBatch] = []  # rows not yet in a row group
         self.pending_rows = 0
         self.part_rows = 0  # rows in the open part, written or pending
         self.part_bytes = 0
         self.writer: pq.ParquetWriter | None = None
+        self.sink: Any = None
         self.parts: list[str] = []
         self.count = 0
 
@@ -130,40 +191,69 @@ class PartWriter:
         if not self.pending_rows:
             return
         if self.writer is None:
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self._tmp_path(len(self.parts)), self.schema, compression="zstd")
+            rel = self._staged(len(self.parts))
+            if not self.store.renames:
+                self._note_attempt(len(self.parts))  # before the part exists: a kill leaves it findable
+            self.sink = self.store.open_writer(rel)
+            self.writer = pq.ParquetWriter(self.sink, self.schema, compression="zstd")
         self.writer.write_table(pa.Table.from_batches(self.pending, schema=self.schema),
                                 row_group_size=self.row_group_rows)
         self.pending, self.pending_rows = [], 0
 
-    def _tmp_path(self, index: int) -> Path:
-        return self.tmp_dir / f"{self.kind}-{self._name(index)}"
-
     def _name(self, index: int) -> str:
-        return f"{self.shard_id}.part{index:05d}.parquet"
+        if self.store.renames:
+            return f"{self.shard_id}.part{index:05d}.parquet"
+        return f"{self.shard_id}.{self.attempt}.part{index:05d}.parquet"
+
+    def _final(self, index: int) -> str:
+        return f"{self.kind}/{self._name(index)}"
+
+    def _staged(self, index: int) -> str:
+        return f"{TMP}/{self.shard_id}/{self.kind}-{self._name(index)}" if self.store.renames else self._final(index)
+
+    def _note_attempt(self, index: int) -> None:
+        rel = f"{ATTEMPTS}/{self.shard_id}/{self.attempt}.json"
+        files = json.loads(self.store.read_bytes(rel)).get("files", []) if self.store.exists(rel) else []
+        self.store.write_bytes(rel, json.dumps({"files": [*files, self._final(index)]}).encode())
 
     def flush(self) -> None:
-        """Close the open part (on disk, fsynced); the next rows start a new one."""
+        """Close the open part (durable: fsynced locally, the upload completed on an object
+        store); the next rows start a new one."""
         self._write_pending()
         if self.writer is None:
             return
         self.writer.close()
+        self._close_sink()
         self.writer = None
-        with open(self._tmp_path(len(self.parts)), "rb") as fh:  # on disk before the manifest says done
-            os.fsync(fh.fileno())
         self.parts.append(self._name(len(self.parts)))
         self.part_rows, self.part_bytes = 0, 0
 
+    def _close_sink(self) -> None:
+        sink, self.sink = self.sink, None
+        if sink is None or getattr(sink, "closed", False):
+            return
+        if not isinstance(sink, pa.NativeFile):  # a local file of our own
+            sink.flush()
+            os.fsync(sink.fileno())  # on disk before the manifest says done
+        sink.close()
+
     def abort(self) -> None:
-        """Close an open file after a failure, so the attempt's leftovers can be removed."""
-        if self.writer is not None:
+        """Close an open file after a failure and remove it (closing an object-store stream
+        completes its upload: the half part would otherwise appear)."""
+        if self.writer is None:
+            return
+        try:
             self.writer.close()
+        finally:
             self.writer = None
+            sink, self.sink = self.sink, None
+            if sink is not None and not getattr(sink, "closed", False):
+                sink.close()
+            self.store.delete(self._staged(len(self.parts)))
 
     def publish(self) -> list[str]:
-        """Move finished parts into ``{kind}/``; call after ``flush``."""
-        target = self.out / self.kind
-        target.mkdir(parents=True, exist_ok=True)
-        for name in self.parts:
-            os.replace(self.tmp_dir / f"{self.kind}-{name}", target / name)
+        """Make finished parts visible in ``{kind}/``; call after ``flush``."""
+        if self.store.renames:
+            for name in self.parts:
+                self.store.replace(f"{TMP}/{self.shard_id}/{self.kind}-{name}", f"{self.kind}/{name}")
         return [f"{self.kind}/{name}" for name in self.parts]

@@ -1,0 +1,342 @@
+"""One filesystem layer for sources and outputs: local paths, ``s3://`` and ``gs://``.
+
+A ``Store`` is a root (a local folder, or a bucket and prefix) on a ``pyarrow.fs`` filesystem;
+code names files by their path below the root (``shards/x.part00000.parquet``). pyarrow's
+filesystems stream (an input stream reads a tar member by member, a Parquet file fetches the row
+groups asked for) and write objects by multipart upload, which an object store shows only when
+the upload completes: a killed writer leaves no half object behind, only an upload the store's
+lifecycle rule removes.
+
+Object stores have no rename, so publishing cannot be "write beside, then rename" there:
+``Store.renames`` tells callers which kind they have (see tasks/shards.py for how a shard is
+published on each). Local writes keep their fsync-then-rename.
+
+Endpoint, region and credentials come from ``storage:`` in the config or, for what it leaves out,
+from the standard variables (``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``/
+``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
+``AWS_PROFILE`` and ``~/.aws``). They are never part of a ``Store``'s text, so neither logs nor
+the run's stamp can carry them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from schemas.config import ConfigError, StorageConfig
+
+REMOTE_SCHEMES = ("s3", "gs")
+
+
+class StorageError(ConfigError):
+    """The store cannot be used at all (wrong credentials, no such bucket): found before any work."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file below a store's root: its relative path, size and modification time."""
+
+    rel: str
+    size: int
+    mtime_ns: int
+
+
+def is_remote(location: str | Path) -> bool:
+    return urllib.parse.urlsplit(str(location)).scheme in REMOTE_SCHEMES
+
+
+class Store:
+    """Files below one root. Relative paths use ``/`` on every filesystem."""
+
+    renames = True  # os.replace is atomic here; object stores override
+
+    def __init__(self, fs: pafs.FileSystem, root: str, url: str):
+        self.fs, self.root, self.url_root = fs, root.rstrip("/"), url.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url_root!r})"
+
+    def __str__(self) -> str:
+        return self.url_root
+
+    # -- names ---------------------------------------------------------------------------------
+
+    def path(self, rel: str = "") -> str:
+        """The filesystem's own path (no scheme), for pyarrow calls."""
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url(self, rel: str = "") -> str:
+        """What users and DuckDB name the file by: a local path or ``s3://bucket/key``."""
+        return f"{self.url_root}/{rel}" if rel else self.url_root
+
+    def child(self, rel: str) -> Store:
+        return type(self)(self.fs, self.path(rel), self.url(rel))
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def info(self, rel: str) -> Entry | None:
+        found = self.fs.get_file_info(self.path(rel))
+        if found.type != pafs.FileType.File:
+            return None
+        return Entry(rel, found.size or 0, found.mtime_ns or 0)
+
+    def exists(self, rel: str) -> bool:
+        return self.info(rel) is not None
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as fh:
+            return fh.read()
+
+    def open_input_stream(self, rel: str) -> pa.NativeFile:
+        """Sequential reads (a tar, streamed)."""
+        return self.fs.open_input_stream(self.path(rel))
+
+    def open_input_file(self, rel: str) -> pa.NativeFile:
+        """Random access (a Parquet file: footer, then the row groups asked for)."""
+        return self.fs.open_input_file(self.path(rel))
+
+    def list(self, rel: str = "", suffix: str = "", recursive: bool = False) -> list[Entry]:
+        """Files below ``rel`` (sorted by path); nothing if ``rel`` does not exist."""
+        base = self.path(rel)
+        found = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=recursive))
+        entries = [Entry(f.path[len(self.root) + 1:], f.size or 0, f.mtime_ns or 0) for f in found
+                   if f.type == pafs.FileType.File and f.path.endswith(suffix)]
+        return sorted(entries, key=lambda e: e.rel)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """All or nothing: a reader sees the old file, the new one, or none."""
+        with self.writer(rel) as fh:
+            fh.write(data)
+
+    def write_parquet(self, rel: str, table: pa.Table, row_group_rows: int) -> None:
+        with self.writer(rel) as fh:
+            pq.write_table(table, fh, compression="zstd", row_group_size=row_group_rows)
+
+    @contextmanager
+    def writer(self, rel: str) -> Iterator[IO[bytes]]:
+        """A file that appears whole at ``rel`` when the block ends, and not at all if it raises."""
+        with self.fs.open_output_stream(self.path(rel)) as fh:
+            yield fh
+
+    def open_writer(self, rel: str) -> pa.NativeFile:
+        """An output stream written in place (the object appears when it is closed)."""
+        return self.fs.open_output_stream(self.path(rel))
+
+    def delete(self, rel: str) -> None:
+        with suppress(FileNotFoundError):
+            self.fs.delete_file(self.path(rel))
+
+    def delete_tree(self, rel: str) -> None:
+        for entry in self.list(rel, recursive=True):
+            self.delete(entry.rel)
+        if self.renames:
+            self.fs.delete_dir_contents(self.path(rel), missing_dir_ok=True)
+            self.delete_dir(rel)
+
+    def delete_dir(self, rel: str) -> None:
+        with suppress(FileNotFoundError, OSError):
+            self.fs.delete_dir(self.path(rel))
+
+    def replace(self, src: str, dst: str) -> None:
+        """Put ``src`` at ``dst``: a rename here; on an object store a copy (the new ``dst`` appears
+        whole) then a delete of ``src``, so a kill in between leaves both, never neither."""
+        self.fs.move(self.path(src), self.path(dst))
+
+    def sync_dir(self, rel: str) -> None:
+        """Make the renames in a folder durable (local only; object stores have no folders)."""
+
+    def check(self) -> None:
+        """Fail now, with a clear message, if the root cannot be listed (nothing written)."""
+
+
+class LocalStore(Store):
+    """A local folder: writes are fsynced and renamed into place."""
+
+    def __init__(self, root: str | Path):
+        root = str(Path(root).resolve())  # shard tasks elsewhere (other working directories) get this path
+        super().__init__(pafs.LocalFileSystem(), root, root)
+
+    def child(self, rel: str) -> LocalStore:
+        return LocalStore(self.path(rel))
+
+    @contextmanager
+    def writer(self, rel: str) -> Iterator[IO[bytes]]:
+        path = Path(self.path(rel))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        # Our own handle: pyarrow's own file, on ENOSPC, stays open (space held) while the
+        # exception's traceback lives.
+        try:
+            with open(tmp, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())  # on disk before the rename (and a manifest) can say it is done
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+
+    def open_writer(self, rel: str) -> IO[bytes]:
+        path = Path(self.path(rel))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "wb")
+
+    def replace(self, src: str, dst: str) -> None:
+        Path(self.path(dst)).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path(src), self.path(dst))
+
+    def sync_dir(self, rel: str) -> None:
+        path = self.path(rel)
+        if not os.path.isdir(path):
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def delete_tree(self, rel: str) -> None:
+        import shutil
+
+        shutil.rmtree(self.path(rel), ignore_errors=True)
+
+
+class ObjectStore(Store):
+    """A bucket and prefix on S3 or GCS (or a MinIO/SeaweedFS speaking S3)."""
+
+    renames = False
+
+    def check(self) -> None:
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self.fs.get_file_info(pafs.FileSelector(self.root + "/", allow_not_found=True, recursive=False))
+            found = self.fs.get_file_info(bucket).type
+        except OSError as exc:
+            raise StorageError(f"cannot list {self.url_root} (bucket {bucket}): {_why(exc)}") from None
+        if found == pafs.FileType.NotFound:
+            raise StorageError(f"cannot use {self.url_root}: the bucket {bucket} does not exist (create it first)")
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc)
+    for code, hint in (("NO_SUCH_BUCKET", "the bucket does not exist"),
+                       ("SIGNATURE_DOES_NOT_MATCH", "wrong secret key"),
+                       ("INVALID_ACCESS_KEY_ID", "unknown access key"),
+                       ("ACCESS_DENIED", "access denied (wrong or missing credentials)")):
+        if code in text:
+            return f"{hint} ({text.splitlines()[0]})"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def open_store(location: str | Path, storage: StorageConfig | None = None) -> Store:
+    """The store for a local path or an ``s3://bucket/prefix`` / ``gs://bucket/prefix`` URL."""
+    text = str(location)
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in REMOTE_SCHEMES:
+        if parts.scheme and len(parts.scheme) > 1:  # c:\ is a drive, not a scheme
+            raise StorageError(f"{text}: unsupported storage scheme {parts.scheme}:// (use a local path, s3:// or gs://)")
+        return LocalStore(text)
+    if not parts.netloc:
+        raise StorageError(f"{text}: no bucket named")
+    root = f"{parts.netloc}{parts.path}".rstrip("/")
+    fs = _filesystem(parts.scheme, storage or StorageConfig())
+    return ObjectStore(fs, root, f"{parts.scheme}://{root}")
+
+
+def _filesystem(scheme: str, storage: StorageConfig) -> pafs.FileSystem:
+    if scheme == "gs":
+        return _gcs(storage.endpoint_url or os.environ.get("STORAGE_EMULATOR_HOST"))
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    key = storage.access_key_id.get_secret_value() if storage.access_key_id else None
+    secret = storage.secret_access_key.get_secret_value() if storage.secret_access_key else None
+    return _s3(endpoint, region, key, secret, storage.anonymous)
+
+
+@functools.lru_cache(maxsize=16)
+def _s3(endpoint: str | None, region: str | None, key: str | None, secret: str | None,
+        anonymous: bool) -> pafs.S3FileSystem:
+    """One client per setting in a process (each part and manifest write reuses it)."""
+    kwargs: dict[str, Any] = {"region": region or "us-east-1", "anonymous": anonymous,
+                              "connect_timeout": 10, "request_timeout": 120,
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
+    if endpoint:
+        url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs |= {"endpoint_override": url.netloc, "scheme": url.scheme}
+    if key and secret:
+        kwargs |= {"access_key": key, "secret_key": secret}
+    return pafs.S3FileSystem(**kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def _gcs(endpoint: str | None) -> pafs.FileSystem:
+    kwargs: dict[str, Any] = {"retry_time_limit": 120}
+    if endpoint:
+        url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        kwargs |= {"endpoint_override": url.netloc, "scheme": url.scheme, "anonymous": True}
+    return pafs.GcsFileSystem(**kwargs)
+
+
+def duckdb_setup(store: Store, storage: StorageConfig | None = None) -> list[str]:
+    """DuckDB statements that let it read ``store``'s files by URL (httpfs with the same endpoint,
+    region and keys); none for a local store. Keys go into a temporary secret of the connection,
+    never into a file."""
+    if not isinstance(store, ObjectStore) or not store.url_root.startswith("s3://"):
+        return []
+    storage = storage or StorageConfig()
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    key = (storage.access_key_id.get_secret_value() if storage.access_key_id
+           else os.environ.get("AWS_ACCESS_KEY_ID"))
+    secret = (storage.secret_access_key.get_secret_value() if storage.secret_access_key
+              else os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    fields = [("TYPE", "s3"), ("REGION", region)]
+    if key and secret:
+        fields += [("KEY_ID", key), ("SECRET", secret)]
+        if token := os.environ.get("AWS_SESSION_TOKEN"):
+            fields.append(("SESSION_TOKEN", token))
+    else:
+        fields.append(("PROVIDER", "credential_chain"))
+    if endpoint:
+        url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        fields += [("ENDPOINT", url.netloc), ("URL_STYLE", "path"), ("USE_SSL", str(url.scheme == "https").lower())]
+    body = ", ".join(f"{k} {_sql_value(v)}" for k, v in fields)
+    return [_load_httpfs(), f"CREATE OR REPLACE TEMPORARY SECRET t2i_store ({body})"]
+
+
+def _sql_value(value: str) -> str:
+    if value in ("true", "false") or value == "s3" or value == "credential_chain":
+        return value if value in ("true", "false") else f"'{value}'"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _load_httpfs() -> str:
+    """LOAD from the wheel that ships the extension (no download at run time)."""
+    try:
+        import duckdb_extension_httpfs  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise StorageError("DuckDB over s3:// needs its httpfs extension: pip install duckdb-extension-httpfs "
+                           "(the version of duckdb)") from exc
+    import duckdb
+
+    path = Path(duckdb_extension_httpfs.__file__).parent / f"extensions/v{duckdb.__version__}/httpfs.duckdb_extension"
+    if not path.exists():
+        raise StorageError(f"no httpfs extension for duckdb {duckdb.__version__} at {path}")
+    return "LOAD '" + str(path).replace("'", "''") + "'"
+
+
+def as_store(location: Store | str | Path, storage: StorageConfig | None = None) -> Store:
+    """``location`` as a store (a store is returned as it is)."""
+    return location if isinstance(location, Store) else open_store(location, storage)
