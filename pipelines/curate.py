@@ -29,7 +29,7 @@ from schemas.config import load_config
 from tasks.dedupe import dedupe_keys
 from tasks.lock import output_lock
 from tasks.runner import RunAborted, RunContext, check_run, open_run
-from tasks.shards import Manifest
+from tasks.shards import Manifest, sweep_uncommitted
 from tasks.sources import SourceShard, discover
 from tasks.stats import compute_stats, format_markdown
 
@@ -65,7 +65,7 @@ class _Progress:
 @task(name="curate-shard-group", persist_result=False, cache_policy=NO_CACHE)
 def curate_group(run: RunContext, shards: list[SourceShard], progress: _Progress) -> dict[str, Any]:
     """The group's shards not yet done (a retry skips what its first try finished)."""
-    done = Manifest(run.out).done_ids()
+    done = Manifest(run.store).done_ids()
     todo = [s for s in shards if s.shard_id not in done]
 
     def finished(result) -> None:
@@ -81,11 +81,13 @@ def curate_group(run: RunContext, shards: list[SourceShard], progress: _Progress
     return {"shards": len(todo)}
 
 
-@task(name="finalize", persist_result=False)
-def finalize(out: str) -> dict[str, Any]:
-    """One cross-shard key pass, then the stats table as an artifact."""
-    moved = dedupe_keys(out)
-    stats = compute_stats(out)
+@task(name="finalize", persist_result=False, cache_policy=NO_CACHE)
+def finalize(run: RunContext) -> dict[str, Any]:
+    """Leftovers of attempts swept, one cross-shard key pass, then the stats table as an artifact."""
+    out = run.out
+    sweep_uncommitted(run.store)
+    moved = dedupe_keys(run.store)
+    stats = compute_stats(out, run.cfg.storage)
     stats["duplicates_moved"] = moved
     create_markdown_artifact(markdown=format_markdown(stats), key="curate-summary",
                              description=f"curation summary of {out}")
@@ -102,10 +104,10 @@ def curate(source: str, out: str, config: str | None = None, mode: str = "curate
     """Curate ``source`` into ``out`` (``mode="analyze"``: every signal, no rule). Holds the
     output's lock for the whole flow run, so a second run on ``out`` refuses at start."""
     cfg = load_config(config)  # a bad config fails here, before any work
-    shards = discover(source, cfg.source)
     # and so does resuming `out` with another config, or a run already working on it
     check_run(source, out, cfg, mode)
-    with output_lock(out, f"prefect flow curate --source {source}"):
+    shards = discover(source, cfg.source, cfg.storage)
+    with output_lock(out, f"prefect flow curate --source {source}", storage=cfg.storage):
         run = open_run(source, out, cfg, mode=mode, shards=shards, ray_retries=0)
         try:
             return _curate_groups(run, cfg.run.task_retries, shards_per_task)
@@ -132,7 +134,7 @@ def _curate_groups(run: RunContext, retries: int, shards_per_task: int) -> State
     if run.dispatcher.aborted:
         logger.error("the run stopped: %s", run.dispatcher.aborted)
         return Failed(message=f"the run stopped: {run.dispatcher.aborted}")
-    stats = finalize(str(run.out))
+    stats = finalize(quote(run))
     if failed:
         return Failed(message=f"{len(failed)} shard group(s) failed; the rest is done: " + " | ".join(failed),
                       data=stats)

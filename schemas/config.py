@@ -124,6 +124,11 @@ class StorageConfig(Strict):
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     anonymous: bool = Field(False, description="public buckets: send no credentials")
+    lease_ttl_s: float = Field(
+        60.0, ge=1, le=3600,
+        description="an object-store output's lock is a lease renewed every ttl/3; a run killed without "
+        "releasing it blocks others for at most this long",
+    )
 
 
 # Kolors' stage-2 filters, cheapest first. The aesthetic signal is not on by default: its

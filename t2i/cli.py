@@ -52,10 +52,17 @@ def _cmd_run(args: argparse.Namespace, mode: str) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from tasks.stats import compute_stats, format_stats
+    from tasks.storage import is_remote, open_store
 
-    if not Path(args.out).is_dir():
+    if not is_remote(args.out) and not Path(args.out).is_dir():
         print(f"error: no such output folder: {args.out}", file=sys.stderr)
         return 2
+    if is_remote(args.out):  # endpoint and keys from the environment / ~/.aws
+        store = open_store(args.out)
+        store.check()
+        if not store.exists("_run.json"):
+            print(f"error: no curated output at {args.out} (no _run.json)", file=sys.stderr)
+            return 2
     stats = compute_stats(args.out)
     _print(json.dumps(stats, indent=1, default=str) if args.json else format_stats(stats))
     return 0
@@ -100,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("curate", "apply the config's rules: kept rows to shards/, the rest to rejects/"),
                             ("analyze", "compute every signal, apply no rule, to choose thresholds")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--source", required=True, help="webdataset tars, parquet files, or a folder of images")
-        p.add_argument("--out", required=True, help="output folder (shards/, rejects/, _manifest/)")
+        p.add_argument("--source", required=True,
+                       help="webdataset tars, parquet files, or a folder of images (a local path, s3:// or gs://)")
+        p.add_argument("--out", required=True,
+                       help="output folder or s3:// / gs:// prefix (shards/, rejects/, _manifest/)")
         p.add_argument("--config", help="YAML config (defaults apply where absent)")
         p.add_argument("--workers", type=int, help="override run.workers")
         p.add_argument("--no-ray", action="store_true", help="process in this process, one shard at a time")
@@ -121,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("down", help="stop what `t2i up` started")
     p.set_defaults(func=_cmd_down)
     p = sub.add_parser("stats", help="DuckDB summary of an output folder")
-    p.add_argument("out")
+    p.add_argument("out", help="output folder or s3:// prefix")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_stats)
     return parser

@@ -17,6 +17,8 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from tasks.actors import Pools, PoolUnavailable, pool_resources, start_pools, st
 from tasks.chain import SignalFailing
 from tasks.process import ShardResult, process_shard
 from tasks.sources import SourceShard
+from tasks.storage import is_remote, store_error_text
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +54,24 @@ def fatal_reason(exc: BaseException, out: str | Path) -> str | None:
         return str(exc)
     if not isinstance(exc, OSError):
         return None
+    if is_remote(out):
+        return _store_refused(exc, str(out))
     in_out = bool(exc.filename) and Path(str(exc.filename)).resolve().is_relative_to(Path(out).resolve())
     if exc.errno in FULL_OR_READ_ONLY or (exc.errno in NOT_PERMITTED and in_out):
         where = f" ({exc.filename})" if exc.filename else ""
         return f"cannot write the output{where}: {exc.strerror or exc}"
+    return None
+
+
+# What an object store answers when every write would fail: the keys, the bucket, the policy.
+STORE_REFUSALS = ("ACCESS_DENIED", "NO_SUCH_BUCKET", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")
+
+
+def _store_refused(exc: OSError, out: str) -> str | None:
+    """A refusal by the output's own bucket stops the run; one by a source's bucket is that shard's."""
+    text, bucket = str(exc), urllib.parse.urlsplit(out).netloc
+    if any(code in text for code in STORE_REFUSALS) and f"bucket '{bucket}'" in text:
+        return f"cannot write the output {out}: {store_error_text(exc)}"
     return None
 
 
@@ -70,7 +87,7 @@ def _process_guarded(shard: SourceShard, cfg: CurateConfig, out: str, pools: Poo
                      skip: frozenset[str]) -> ShardResult | Fatal:
     """One shard; a fatal failure comes back as ``Fatal`` (not retried), anything else raises."""
     try:
-        return process_shard(shard, cfg, Path(out), pools, skip)
+        return process_shard(shard, cfg, out, pools, skip)
     except Exception as exc:
         if (message := fatal_reason(exc, out)) is not None:
             return Fatal(shard.shard_id, message)
@@ -90,10 +107,35 @@ def check_fits(pool_cpus: float, pool_gpus: float) -> None:
                           "set signals.<name>.gpus_per_actor to 0 to run on CPU")
 
 
+class _RoomWatch:
+    """Says so when a cluster that lost nodes has no CPU left for a shard task beside the model
+    pools (the restarted actors took what is left): Ray then queues the shard tasks until a node
+    joins, which looks like a hang. Not an error: an autoscaler may be adding the node."""
+
+    def __init__(self, pool_cpus: float, every_s: float = 60.0):
+        self.pool_cpus, self.every_s = pool_cpus, every_s
+        self.last_progress = time.monotonic()
+        self.warned = False
+
+    def check(self, progressed: bool) -> None:
+        now = time.monotonic()
+        if progressed:
+            self.last_progress, self.warned = now, False
+            return
+        if self.warned or now - self.last_progress < self.every_s:
+            return
+        cpus = ray.cluster_resources().get("CPU", 0.0)
+        if cpus - self.pool_cpus < 1:
+            log.warning("no shard finished for %.0f s: the Ray cluster has %g CPUs and the model pools hold %g, "
+                        "leaving none for a shard task (a node was lost?); the run waits until a node joins",
+                        now - self.last_progress, cpus, self.pool_cpus)
+            self.warned = True
+
+
 class Dispatcher:
     """Shard work of one run, on Ray (``use_ray``) or in this process."""
 
-    def __init__(self, cfg: CurateConfig, out: Path, skip: frozenset[str], models: list, *, use_ray: bool,
+    def __init__(self, cfg: CurateConfig, out: str | Path, skip: frozenset[str], models: list, *, use_ray: bool,
                  ray_retries: int):
         """``ray_retries``: Ray's retries of a failed shard task (0 when a Prefect task retries
         the group, so the two do not multiply)."""
@@ -105,6 +147,7 @@ class Dispatcher:
         self._start_lock = threading.Lock()
         self._remote: Any = None
         self._cfg_ref: Any = None
+        self._room = _RoomWatch(pool_resources(models)[0])
 
     def start(self) -> None:
         """Pools and the remote function, once (a run with nothing to do starts none)."""
@@ -165,6 +208,7 @@ class Dispatcher:
             if not pending:
                 continue
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            self._room.check(bool(ready))
             for ref in ready:
                 shard = pending.pop(ref)
                 self.slots.release()

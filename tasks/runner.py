@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -29,9 +28,10 @@ from tasks.dedupe import dedupe_keys, recover
 from tasks.dispatch import Dispatcher, RunAborted
 from tasks.lock import note_ray, output_lock, watch_ray
 from tasks.process import ShardResult
-from tasks.shards import Manifest, clear_partial, write_atomic
+from tasks.shards import Manifest, drop_committed, sweep_uncommitted
 from tasks.signals import build_signals, registry, unavailable_signals
 from tasks.sources import SourceShard, discover, fingerprint
+from tasks.storage import Store, as_store, location
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class RunSummary:
 
 
 # Settings that change where and how the work runs, not which rows are kept: free to change on resume.
-RESUMABLE = ("run", "output", "source.changed")
+STAMP = "_run.json"
+RESUMABLE = ("run", "output", "source.changed", "storage")
 
 
 def _as_read_now(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -96,26 +97,26 @@ def _as_read_now(cfg: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def guard_run_config(out: Path, mode: str, cfg: CurateConfig, source: str, *, write: bool = True) -> None:
+def guard_run_config(out: Store | str | Path, mode: str, cfg: CurateConfig, source: str, *,
+                     write: bool = True) -> None:
     """Resuming with another config would mix two curations in one folder: refuse, naming the
     settings that differ. ``write=False`` only checks (nothing is written before the run is
-    sure to start)."""
-    stamp = out / "_run.json"
-    current = {"mode": mode, "source": str(Path(source).resolve()), "config": cfg.model_dump(mode="json")}
-    if stamp.exists():
-        before = json.loads(stamp.read_text())
+    sure to start). The stamp holds no secret: ``storage`` keys dump as ``**********``."""
+    store = as_store(out, cfg.storage)
+    current = {"mode": mode, "source": location(source), "config": cfg.model_dump(mode="json")}
+    if store.exists(STAMP):
+        before = json.loads(store.read_bytes(STAMP))
         differ = config_differences(_as_read_now(before.get("config", {})), _as_read_now(current["config"]),
                                     RESUMABLE)
         differ += [k for k in ("mode", "source") if before.get(k) != current[k]]
         if differ:
             raise RunConfigMismatch(
-                f"{out} holds a {before.get('mode')} run of {before.get('source')} that differs in "
+                f"{store} holds a {before.get('mode')} run of {before.get('source')} that differs in "
                 f"{', '.join(differ)}; use a new --out, or remove the folder to start over"
             )
         return
     if write:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(stamp, json.dumps(current, indent=1, sort_keys=True).encode())
+        store.write_bytes(STAMP, json.dumps(current, indent=1, sort_keys=True).encode())
 
 
 def plan_signals(cfg: CurateConfig) -> frozenset[str]:
@@ -135,23 +136,27 @@ class RunContext:
     """One run, opened: what ``run`` and the Prefect flow's groups share."""
 
     source: str
-    out: Path
+    out: str  # a local absolute path or an object-store URL: what shard tasks on any node open
     cfg: CurateConfig  # as run (analyze: without rules)
     mode: str
     todo: list[SourceShard]
     summary: RunSummary
     dispatcher: Dispatcher
+    store: Store
 
 
 def check_run(source: str | Path, out: str | Path, cfg: CurateConfig, mode: str) -> CurateConfig:
     """What can refuse a run, checked before anything (the lock included) is written: the mode,
-    the signals that cannot run here, the output's stamp. Returns the config as run."""
+    the signals that cannot run here, the output's store (credentials, bucket) and stamp.
+    Returns the config as run."""
     if mode == "analyze":
         cfg = cfg.without_rules()
     elif mode != "curate":
         raise ValueError(f"mode must be curate or analyze, not {mode!r}")
     plan_signals(cfg)
-    guard_run_config(Path(out), mode, cfg, str(source), write=False)
+    store = as_store(out, cfg.storage)
+    store.check()
+    guard_run_config(store, mode, cfg, str(source), write=False)
     return cfg
 
 
@@ -163,11 +168,12 @@ def open_run(source: str | Path, out: str | Path, cfg: CurateConfig, *, mode: st
     attempts of killed runs. Call with the output's lock held. ``ray_retries`` defaults to
     ``run.task_retries``."""
     cfg = check_run(source, out, cfg, mode)
-    out = Path(out).resolve()  # shard tasks on other nodes (other working directories) get this path
+    store = as_store(out, cfg.storage)
+    out = store.url()  # shard tasks on other nodes (other working directories) get this
     skip = frozenset(unavailable_signals(build_signals(cfg.signals), cfg.rules))  # check_run warned
-    shards = shards if shards is not None else discover(source, cfg.source)
-    recover(out)  # a duplicate pass killed last time is finished before anything else
-    todo = plan_shards(out, shards, cfg)
+    shards = shards if shards is not None else discover(source, cfg.source, cfg.storage)
+    recover(store)  # a duplicate pass killed last time is finished before anything else
+    todo = plan_shards(store, shards, cfg)
     models = [s for s in build_signals(cfg.signals) if s.uses_actor and s.name not in skip]
     if todo and use_ray:  # join (or start) Ray before anything is written
         if not ray.is_initialized() and cluster_address(cfg.run) is None:
@@ -175,14 +181,14 @@ def open_run(source: str | Path, out: str | Path, cfg: CurateConfig, *, mode: st
             note_ray(out)  # the tag, for the next run, should the reaper itself be killed
         ensure_ray(cfg.run, extra_cpus=pool_resources(models)[0])
         note_ray(out)
-    guard_run_config(out, mode, cfg, str(source))
-    shutil.rmtree(out / "_tmp", ignore_errors=True)  # attempts of killed runs (the lock says none is live)
-    summary = RunSummary(mode, str(source), str(out), len(shards), len(shards) - len(todo))
+    guard_run_config(store, mode, cfg, str(source))
+    sweep_uncommitted(store)  # attempts of killed runs (the lock says none is live)
+    summary = RunSummary(mode, str(source), out, len(shards), len(shards) - len(todo))
     retries = cfg.run.task_retries if ray_retries is None else ray_retries
     dispatcher = Dispatcher(cfg, out, skip, models, use_ray=use_ray, ray_retries=retries)
     if todo and use_ray:
         dispatcher.start()  # pools up (weights load) before any group: a failure here is the run's
-    return RunContext(str(source), out, cfg, mode, todo, summary, dispatcher)
+    return RunContext(str(source), out, cfg, mode, todo, summary, dispatcher, store)
 
 
 def run(
@@ -201,7 +207,8 @@ def run(
     throughout (``tasks.lock``)."""
     started = time.perf_counter()
     check_run(source, out, cfg, mode)
-    with output_lock(out, f"t2i {mode} --source {source}"):
+    shards = shards if shards is not None else discover(source, cfg.source, cfg.storage)  # a bad source: no lock
+    with output_lock(out, f"t2i {mode} --source {source}", storage=cfg.storage):
         ctx = open_run(source, out, cfg, mode=mode, shards=shards, use_ray=use_ray)
         summary = ctx.summary
 
@@ -216,37 +223,38 @@ def run(
             summary.failed.update(ctx.dispatcher.run_shards(ctx.todo, finished))
         finally:
             ctx.dispatcher.close()
-        summary.duplicates_moved = dedupe_keys(out) if dedupe else 0
+        sweep_uncommitted(ctx.store)  # attempts that lost their node: a listing now shows committed parts only
+        summary.duplicates_moved = dedupe_keys(ctx.store) if dedupe else 0
     summary.kept -= summary.duplicates_moved
     summary.rejected += summary.duplicates_moved
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 
 
-def plan_shards(out: Path, shards: list[SourceShard], cfg: CurateConfig) -> list[SourceShard]:
+def plan_shards(out: Store | str | Path, shards: list[SourceShard], cfg: CurateConfig) -> list[SourceShard]:
     """The shards to do: those not done, and those done whose source file changed since
     (``source.changed: recurate``; ``refuse`` raises, naming them)."""
-    manifest = Manifest(out)
+    store = as_store(out, cfg.storage)
+    manifest = Manifest(store)
     done = manifest.done_ids()
-    changed = [s for s in shards if s.shard_id in done and _changed(manifest, s)]
+    changed = [s for s in shards if s.shard_id in done and _changed(manifest, s, cfg)]
     if changed and cfg.source.changed == "refuse":
         names = ", ".join(s.path for s in changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise SourceChangedSinceDone(
-            f"{len(changed)} source shard(s) changed since they were curated into {out}: {names}; set "
+            f"{len(changed)} source shard(s) changed since they were curated into {store}: {names}; set "
             "source.changed: recurate to curate them again (their old rows are replaced), or use a new --out")
     for shard in changed:
         log.warning("%s changed since it was curated; curating it again", shard.path)
-        clear_partial(out, shard.shard_id)  # its old rows go first: a kill in between still reads as changed
-        manifest.forget(shard.shard_id)
+        drop_committed(store, shard.shard_id)
     redo = {s.shard_id for s in changed}
     return [s for s in shards if s.shard_id not in done or s.shard_id in redo]
 
 
-def _changed(manifest: Manifest, shard: SourceShard) -> bool:
+def _changed(manifest: Manifest, shard: SourceShard, cfg: CurateConfig) -> bool:
     recorded = manifest.entry(shard.shard_id).get("fingerprint")
     if not recorded:  # recorded by a version that kept no fingerprint: nothing to compare
         return False
     try:
-        return fingerprint(shard) != recorded
+        return fingerprint(shard, cfg.storage) != recorded
     except OSError:
         return True

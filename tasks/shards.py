@@ -124,15 +124,15 @@ def clear_partial(out: Store | str | Path, shard_id: str) -> None:
 
 
 def drop_committed(out: Store | str | Path, shard_id: str) -> None:
-    """Delete a done shard's files and its entry (its source changed): entry first, so a kill in
-    between leaves a shard that is simply not done."""
+    """Delete a done shard's files, then its entry (its source changed): a kill in between leaves
+    an entry whose source still reads as changed, so the next run drops it again."""
     store = as_store(out)
     manifest = Manifest(store)
     files = manifest.entry(shard_id).get("files", []) if store.exists(f"{MANIFEST}/{shard_id}.json") else []
-    manifest.forget(shard_id)
     for rel in files:
         store.delete(rel)
     clear_partial(store, shard_id)
+    manifest.forget(shard_id)
 
 
 def sweep_uncommitted(out: Store | str | Path) -> int:

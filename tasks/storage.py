@@ -217,6 +217,12 @@ class ObjectStore(Store):
     """A bucket and prefix on S3 or GCS (or a MinIO/SeaweedFS speaking S3)."""
 
     renames = False
+    storage: StorageConfig | None = None  # the settings it was opened with (for DuckDB, the lease)
+
+    def child(self, rel: str) -> ObjectStore:
+        store = ObjectStore(self.fs, self.path(rel), self.url(rel))
+        store.storage = self.storage
+        return store
 
     def check(self) -> None:
         bucket = self.root.split("/", 1)[0]
@@ -224,12 +230,12 @@ class ObjectStore(Store):
             self.fs.get_file_info(pafs.FileSelector(self.root + "/", allow_not_found=True, recursive=False))
             found = self.fs.get_file_info(bucket).type
         except OSError as exc:
-            raise StorageError(f"cannot list {self.url_root} (bucket {bucket}): {_why(exc)}") from None
+            raise StorageError(f"cannot list {self.url_root} (bucket {bucket}): {store_error_text(exc)}") from None
         if found == pafs.FileType.NotFound:
             raise StorageError(f"cannot use {self.url_root}: the bucket {bucket} does not exist (create it first)")
 
 
-def _why(exc: BaseException) -> str:
+def store_error_text(exc: BaseException) -> str:
     text = str(exc)
     for code, hint in (("NO_SUCH_BUCKET", "the bucket does not exist"),
                        ("SIGNATURE_DOES_NOT_MATCH", "wrong secret key"),
@@ -251,8 +257,10 @@ def open_store(location: str | Path, storage: StorageConfig | None = None) -> St
     if not parts.netloc:
         raise StorageError(f"{text}: no bucket named")
     root = f"{parts.netloc}{parts.path}".rstrip("/")
-    fs = _filesystem(parts.scheme, storage or StorageConfig())
-    return ObjectStore(fs, root, f"{parts.scheme}://{root}")
+    storage = storage or StorageConfig()
+    store = ObjectStore(_filesystem(parts.scheme, storage), root, f"{parts.scheme}://{root}")
+    store.storage = storage
+    return store
 
 
 def _filesystem(scheme: str, storage: StorageConfig) -> pafs.FileSystem:
@@ -295,7 +303,7 @@ def duckdb_setup(store: Store, storage: StorageConfig | None = None) -> list[str
     never into a file."""
     if not isinstance(store, ObjectStore) or not store.url_root.startswith("s3://"):
         return []
-    storage = storage or StorageConfig()
+    storage = storage or store.storage or StorageConfig()
     endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     key = (storage.access_key_id.get_secret_value() if storage.access_key_id
@@ -340,3 +348,9 @@ def _load_httpfs() -> str:
 def as_store(location: Store | str | Path, storage: StorageConfig | None = None) -> Store:
     """``location`` as a store (a store is returned as it is)."""
     return location if isinstance(location, Store) else open_store(location, storage)
+
+
+def location(where: str | Path) -> str:
+    """A source or output as recorded (stamp, manifest): an object-store URL as given, a local
+    path made absolute."""
+    return str(where).rstrip("/") if is_remote(where) else str(Path(where).resolve())
