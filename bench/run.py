@@ -1,10 +1,12 @@
-"""``python -m bench.run [--quick] [--only all|curate|models|train]``: speed, scaling, memory, model
-signals, trainer.
+"""``python -m bench.run [--quick] [--only all|curate|flow|models|train]``: speed, scaling, memory,
+the flow without barriers, model signals, trainer.
 
 ``--only curate`` is issue 2's four figures below; ``--only models`` is issue 3's, per model signal
 and the whole chain against a naive unfused loop (see bench/models.py); ``--only train`` is issue
 5's, the training loop's step time against a minimal diffusers loop and the data loader's
-samples/s per core (see bench/train.py). All use the same synthetic corpus (see bench/corpus.py):
+samples/s per core (see bench/train.py); ``--only flow`` is the curate flow on 16 shards with
+one straggler against the sequential flow it replaced (see bench/flow.py, its own corpus). The
+others use the same synthetic corpus (see bench/corpus.py):
 
 - ``decode_images_per_s``: a bare full-size decode (open, load, RGB) of every image, one process.
   It is the floor any pipeline that looks at pixels pays, so the chain is judged against it.
@@ -41,7 +43,7 @@ import psutil
 import pyarrow as pa
 from PIL import Image
 
-from bench import models
+from bench import flow, models
 from bench.corpus import REPO, CorpusSpec, build_corpus
 from bench.memory import TreeSampler
 from schemas.config import CurateConfig
@@ -62,6 +64,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "workers_speedup": (">=", 1.7),
     "rss_growth": ("<=", 1.2),
     "rss_growth_default": ("<=", 1.2),
+    **flow.TARGETS,
     **models.TARGETS,
 }
 
@@ -294,7 +297,8 @@ def passed(name: str, value: float) -> bool:
 
 
 def print_table(results: dict[str, Any], header: str) -> None:
-    figures = ("decode_images_per_s", "chain_images_per_s", "full_chain_images_per_s", "naive_images_per_s",
+    figures = ("decode_images_per_s", "chain_images_per_s", "flow_streamed_s", "flow_sequential_s",
+               "full_chain_images_per_s", "naive_images_per_s",
                "train_step_s", "minimal_step_s", "train_step_ema_s", "loader_samples_per_s_per_core")
     rows = [(name, results[name], "", "") for name in figures if results.get(name) is not None]
     for name, (op, target) in TARGETS.items():
@@ -307,6 +311,8 @@ def print_table(results: dict[str, Any], header: str) -> None:
     if "quick" in header and "workers_speedup" in results:
         print("(quick: the 1 vs 2 workers runs take 1-3 s, so start-up weighs on workers_speedup; "
               "its target is judged by the full `make bench`)")
+    if "flow" in results:
+        flow.print_section(results["flow"])
     if "models" in results:
         models.print_section(results["models"])
     if "train" in results:
@@ -376,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-tar", type=int, help="samples per tar (default 500, quick 50)")
     parser.add_argument("--speedup-tars", type=int, help="tars for the 1 vs 2 workers runs (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed")
-    parser.add_argument("--only", choices=("all", "curate", "models", "train"), default="all",
-                        help="curate: issue 2's figures; models: issue 3's; train: issue 5's (default: all)")
+    parser.add_argument("--only", choices=("all", "curate", "flow", "models", "train"), default="all",
+                        help="curate: issue 2's figures; flow: the flow vs the sequential one; models: issue 3's; "
+                        "train: issue 5's (default: all)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init; make sets it too
     plan = PLANS["quick" if args.quick else "full"]
@@ -388,12 +395,17 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = CorpusSpec(samples=plan.large_samples, per_tar=plan.per_tar, seed=args.seed)
     phases: dict[str, float] = {}  # wall seconds per step, to see where a slow run went
-    with phase(phases, "corpus", f"{spec.samples} samples in {spec.tars} tars under {BENCH_OUT}"):
-        corpus = build_corpus(BENCH_OUT, spec)
-    shards = discover(corpus, bench_config(1).source)
     results: dict[str, Any] = {}
+    if args.only != "flow":  # the flow section builds its own corpus
+        with phase(phases, "corpus", f"{spec.samples} samples in {spec.tars} tars under {BENCH_OUT}"):
+            corpus = build_corpus(BENCH_OUT, spec)
+        shards = discover(corpus, bench_config(1).source)
     if args.only in ("all", "curate"):
         results |= measure_curate(corpus, shards, plan, spec, phases)
+    if args.only in ("all", "flow"):
+        with phase(phases, "flow", f"curate flow vs sequential groups, {flow.SHARDS} shards, one straggler"):
+            results |= flow.measure(plan.mode, BENCH_OUT / "flow", args.seed)
+        results["flow"]["machine"] = info
     if args.only in ("all", "models"):
         with phase(phases, "models", f"{plan.model_images} images: each signal, full chain, naive loop"):
             results |= models.measure(load_batches(shards, bench_config(1), plan.model_images), plan.mode)
