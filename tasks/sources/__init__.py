@@ -1,80 +1,57 @@
-"""Source detection: ``--source PATH`` becomes a list of shards and a reader for them."""
+"""Source detection: ``--source PATH`` (or ``s3://bucket/prefix``) becomes a list of shards and a
+reader for them. Local and remote sources share each reader; only the opening of a file differs
+(tasks/sources/base.py)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from schemas.config import SourceConfig
+from schemas.config import SourceConfig, StorageConfig
 from tasks.sources import folder, parquet, webdataset
-from tasks.sources.base import DEFAULT_MAX_MEMBER_BYTES, IMAGE_EXTENSIONS, SourceError, SourceShard
+from tasks.sources.base import DEFAULT_MAX_MEMBER_BYTES, SourceError, SourceShard, list_source, stat
 
 __all__ = ["SourceError", "SourceShard", "detect_kind", "discover", "fingerprint", "read_shard"]
 
-_READERS: dict[str, Callable[[SourceShard, SourceConfig, int], Iterator[pa.RecordBatch]]] = {
+_READERS: dict[str, Callable[[SourceShard, SourceConfig, int, StorageConfig | None], Iterator[pa.RecordBatch]]] = {
     "webdataset": webdataset.read,
     "parquet": parquet.read,
     "folder": folder.read,
 }
 
 
-def detect_kind(root: Path) -> str:
+def detect_kind(source: str | Path, storage: StorageConfig | None = None) -> str:
     """A .tar anywhere below wins (img2dataset writes sidecar .parquet beside its tars),
     then .parquet, then loose images."""
-    if root.is_file():
-        suffix = root.suffix.lower()
-        if suffix == ".tar":
-            return "webdataset"
-        if suffix == ".parquet":
-            return "parquet"
-        raise SourceError(f"{root}: a source file must be .tar or .parquet")
-    if any(p.is_file() for p in root.rglob("*.tar")):  # a directory named x.tar is not a tar
-        return "webdataset"
-    if any(p.is_file() for p in root.rglob("*.parquet")):
-        return "parquet"
-    if any(p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for p in root.rglob("*")):
-        return "folder"
-    raise SourceError(f"{root}: no .tar, .parquet or image files found")
+    return list_source(source, storage).kind()
 
 
-def discover(source: str | Path, cfg: SourceConfig) -> list[SourceShard]:
-    root = Path(source).resolve()  # shard tasks may run elsewhere (other nodes, other working directories)
-    if not root.exists():
-        raise SourceError(f"source not found: {root}")
-    kind = detect_kind(root)
+def discover(source: str | Path, cfg: SourceConfig, storage: StorageConfig | None = None) -> list[SourceShard]:
+    """The source's shards, from one listing; ``SourceError`` before any work if it cannot be read."""
+    listing = list_source(source, storage)
+    kind = listing.kind()
     if kind == "webdataset":
-        return webdataset.discover(root)
+        return webdataset.discover(listing)
     if kind == "parquet":
-        return parquet.discover(root, cfg)
-    return folder.discover(root, cfg)
+        return parquet.discover(listing, cfg, storage)
+    return folder.discover(listing, cfg)
 
 
-def read_shard(shard: SourceShard, cfg: SourceConfig,
-               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[pa.RecordBatch]:
+def read_shard(shard: SourceShard, cfg: SourceConfig, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+               storage: StorageConfig | None = None) -> Iterator[pa.RecordBatch]:
     """Record batches of one source shard; members over ``max_member_bytes`` are never read."""
-    return _READERS[shard.kind](shard, cfg, max_member_bytes)
+    return _READERS[shard.kind](shard, cfg, max_member_bytes, storage)
 
 
-def fingerprint(shard: SourceShard) -> dict[str, Any]:
+def fingerprint(shard: SourceShard, storage: StorageConfig | None = None) -> dict[str, Any]:
     """What tells that a source shard changed: its file's size and modification time (for a
     folder chunk, a digest of every member's and caption's). Recorded in the manifest when the
-    shard is done, compared again after reading it and on every later run."""
-    if shard.kind != "folder":
-        st = os.stat(shard.path)
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    digest = hashlib.blake2b(digest_size=12)
-    root = Path(shard.path)
-    for rel in shard.members:
-        image = root / rel
-        for path in (image, image.with_suffix(".txt")):
-            try:
-                st = path.stat()
-                digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-            except OSError:
-                digest.update(f"{path}\0absent\n".encode("utf-8", "surrogateescape"))
-    return {"files": len(shard.members), "digest": digest.hexdigest()}
+    shard is done, compared again after reading it and on every later run. On an object store
+    the times come from the listing (whole seconds on S3)."""
+    if shard.kind == "folder":
+        return folder.fingerprint(shard, storage)
+    size, mtime_ns = stat(shard.path, storage)
+    return {"size": size, "mtime_ns": mtime_ns}

@@ -10,56 +10,65 @@ are decoded as UTF-8 like a tar's ``.txt``, anything else is refused before work
 Without a key column, the key is the file's path below the source root, without
 ``.parquet``, plus the row index (``year=2023/part-0/17``): files of the same name in
 different folders keep apart. Discovery records that path in ``SourceShard.members``.
+
+On an object store the file is opened for random access: discovery reads only footers (a few
+files at once), a reader fetches the row groups one by one, never the whole file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.config import SourceConfig
+from schemas.config import SourceConfig, StorageConfig
 from tasks.sources.base import (
     DEFAULT_MAX_MEMBER_BYTES,
     MISSING_IMAGE,
     UNREADABLE,
     UNREADABLE_SUFFIX,
     BatchBuilder,
+    Listing,
     SourceError,
     SourceShard,
     UnreadableSource,
     decode_caption,
     drain,
     printable,
-    shard_id_for,
+    random_access,
+    shard_id_of,
     too_large,
 )
+from tasks.storage import is_remote
 
 _TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_binary,
                pa.types.is_large_binary, pa.types.is_binary_view, pa.types.is_null)
 _READ_ERRORS = (OSError, pa.ArrowException)
 
 
-def discover(root: Path, cfg: SourceConfig) -> list[SourceShard]:
-    files = sorted(p for p in root.rglob("*.parquet") if p.is_file()) if root.is_dir() else [root]
-    base = root if root.is_dir() else root.parent
-    for path in files:
-        _check_columns(path, cfg)
-    return [SourceShard(shard_id_for(base, p), "parquet", str(p), (p.relative_to(base).as_posix(),))
-            for p in files]
+def discover(listing: Listing, cfg: SourceConfig, storage: StorageConfig | None = None) -> list[SourceShard]:
+    shards = [SourceShard(shard_id_of(rel), "parquet", listing.location(rel), (rel,))
+              for rel in listing.shard_files("parquet")]
+    # Footers over the network: a few at once; the first bad file in order is the one reported.
+    with ThreadPoolExecutor(8 if is_remote(listing.base) else 1) as pool:
+        list(pool.map(lambda shard: _check_columns(shard.path, cfg, storage), shards))
+    return shards
 
 
-def _check_columns(path: Path, cfg: SourceConfig) -> None:
+def _check_columns(location: str, cfg: SourceConfig, storage: StorageConfig | None) -> None:
     try:
-        schema = pq.read_schema(path)
+        with random_access(location, storage) as file:
+            schema = pq.read_schema(file)
     except Exception as exc:
-        raise SourceError(f"{path}: not a readable Parquet file: {exc}") from exc
-    _check_schema(path, schema, cfg)
+        raise SourceError(f"{location}: not a readable Parquet file: {exc}") from exc
+    _check_schema(location, schema, cfg)
 
 
-def _check_schema(path: Path | str, schema: pa.Schema, cfg: SourceConfig) -> None:
+def _check_schema(path: str, schema: pa.Schema, cfg: SourceConfig) -> None:
     names = schema.names
     for setting, column in (("image_column", cfg.image_column), ("caption_column", cfg.caption_column)):
         if column not in names:
@@ -81,7 +90,7 @@ def _image_bytes(value: object) -> bytes | None:
 
 
 def _key_prefix(shard: SourceShard) -> str:
-    rel = shard.members[0] if shard.members else Path(shard.path).name
+    rel = shard.members[0] if shard.members else PurePosixPath(shard.path).name
     return printable(PurePosixPath(rel).with_suffix("").as_posix())
 
 
@@ -95,8 +104,14 @@ def _batches(file: pq.ParquetFile, group: int, columns: list[str],
         yield exc
 
 
-def read(shard: SourceShard, cfg: SourceConfig,
-         max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[pa.RecordBatch]:
+def read(shard: SourceShard, cfg: SourceConfig, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+         storage: StorageConfig | None = None) -> Iterator[pa.RecordBatch]:
+    with ExitStack() as stack:  # a remote file is closed when the reader ends, however it ends
+        yield from _read(shard, cfg, max_member_bytes, storage, stack)
+
+
+def _read(shard: SourceShard, cfg: SourceConfig, max_member_bytes: int, storage: StorageConfig | None,
+          stack: ExitStack) -> Iterator[pa.RecordBatch]:
     builder = BatchBuilder(cfg.batch_rows)
     source, prefix = printable(shard.path), _key_prefix(shard)
 
@@ -107,7 +122,8 @@ def read(shard: SourceShard, cfg: SourceConfig,
         return f"{UNREADABLE}: {message}"
 
     try:
-        file = pq.ParquetFile(shard.path, page_checksum_verification=True)
+        file = pq.ParquetFile(stack.enter_context(random_access(shard.path, storage)),
+                              page_checksum_verification=True)
     except _READ_ERRORS as exc:
         builder.add(f"{shard.shard_id}{UNREADABLE_SUFFIX}", source, source_error=broken("file", exc))
         yield from drain(builder)

@@ -1,8 +1,9 @@
 """img2dataset's webdataset output: ``NNNNN.tar`` holding ``KEY.jpg`` + ``KEY.txt`` + ``KEY.json``.
 
 The tar is streamed (``r|*``), members of one key arriving together as webdataset
-writes them. A tar that breaks part-way yields the rows before the break and then one
-row that records the break, so the shard's accounting says where it stopped.
+writes them; from an object store too (an input stream, never the whole tar in memory).
+A tar that breaks part-way yields the rows before the break and then one row that
+records the break, so the shard's accounting says where it stopped.
 
 Members are read only after their size (from the tar header) is checked against
 ``max_member_bytes``: an oversized image gives its row with no bytes as a
@@ -25,11 +26,10 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pyarrow as pa
 
-from schemas.config import SourceConfig
+from schemas.config import SourceConfig, StorageConfig
 from tasks.sources.base import (
     DEFAULT_MAX_MEMBER_BYTES,
     IMAGE_EXTENSIONS,
@@ -37,12 +37,14 @@ from tasks.sources.base import (
     UNREADABLE,
     UNREADABLE_SUFFIX,
     BatchBuilder,
+    Listing,
     SourceShard,
     UnreadableSource,
     decode_caption,
     drain,
+    open_stream,
     printable,
-    shard_id_for,
+    shard_id_of,
     too_large,
 )
 
@@ -50,10 +52,9 @@ NONCONTIGUOUS_KEY = "noncontiguous_key"
 CAPTION_EXTENSIONS = frozenset({"txt", "caption"})
 
 
-def discover(root: Path) -> list[SourceShard]:
-    tars = sorted(p for p in root.rglob("*.tar") if p.is_file()) if root.is_dir() else [root]
-    base = root if root.is_dir() else root.parent
-    return [SourceShard(shard_id_for(base, p), "webdataset", str(p)) for p in tars]
+def discover(listing: Listing) -> list[SourceShard]:
+    return [SourceShard(shard_id_of(rel), "webdataset", listing.location(rel))
+            for rel in listing.shard_files("webdataset")]
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -120,14 +121,14 @@ def _take(tar: tarfile.TarFile, member: tarfile.TarInfo, group: _Group, ext: str
         group.caption_raw = data
 
 
-def read(shard: SourceShard, cfg: SourceConfig,
-         max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[pa.RecordBatch]:
+def read(shard: SourceShard, cfg: SourceConfig, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+         storage: StorageConfig | None = None) -> Iterator[pa.RecordBatch]:
     builder = BatchBuilder(cfg.batch_rows)
     source = printable(shard.path)
     group: _Group | None = None
     seen: dict[str, bool] = {}
     try:
-        with tarfile.open(shard.path, "r|*") as tar:
+        with open_stream(shard.path, storage) as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
             for member in tar:
                 if not (member.isfile() or member.issym() or member.islnk()):
                     continue
@@ -139,7 +140,7 @@ def read(shard: SourceShard, cfg: SourceConfig,
                 _take(tar, member, group, ext, max_member_bytes)
         if group is not None and (batch := _emit(builder, group, source, seen)):
             yield batch
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, pa.ArrowException) as exc:
         where = f"tar unreadable after {group.key if group else 'the start'}: {type(exc).__name__}: {exc}"
         if cfg.unreadable == "fail":
             raise UnreadableSource(f"{source}: {where}") from exc
