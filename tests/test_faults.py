@@ -210,8 +210,8 @@ def test_a_shard_that_grows_while_read_is_not_recorded_as_done(tmp_path: Path, m
     path = write_webdataset(tmp_path / "src" / "a.tar", photo_samples("a"))
     real = tasks.process.read_shard
 
-    def growing(shard, cfg, limit):
-        for i, batch in enumerate(real(shard, cfg, limit)):
+    def growing(shard, cfg, limit, storage=None):
+        for i, batch in enumerate(real(shard, cfg, limit, storage)):
             if i == 0:  # the downloader is still appending
                 with open(path, "ab") as fh:
                     fh.write(b"\0" * 1024)

@@ -315,7 +315,8 @@ def test_duckdb_scans_a_pyarrow_dataset_on_s3_with_projection_and_filter(s3: S3B
     rows = con.sql("SELECT shard, count(*), sum(id) FROM signals WHERE id < 10 GROUP BY shard ORDER BY shard")
     assert rows.fetchall() == [(0, 10, 45), (1, 10, 45), (2, 10, 45)]
     plan = con.sql("EXPLAIN SELECT shard FROM signals WHERE id < 10").fetchall()[0][1]
-    assert "Projections: shard" in plan and '"id" < 10' in plan  # both pushed into the arrow scan
+    pushed = plan.replace('"', "").replace(" ", "")
+    assert "Projections:shard" in pushed and "id<10" in pushed  # both pushed into the arrow scan
 
 
 def _httpfs_extension() -> Path | None:
