@@ -15,6 +15,15 @@ later (a restarted actor) or reparented; ``watch_ray`` starts a small reaper in 
 (so a kill of the driver's process group does not take it too) that, within a second of the
 driver's death, kills every process carrying the tag. The lock records the tag too, and the
 next run that takes the lock kills any such process still there.
+
+An output on an object store (``s3://``) has no flock: its lock is a lease, the object
+``OUT/_lock`` written with a conditional put and renewed while the run lives (``tasks.lease``:
+one holder at a time, a killed holder's lease expires after its ttl, 60 s by default, rather than
+at once). A lease can be lost (a network partition longer than the ttl, someone deleting or
+overwriting the object): ``output_lock`` yields a ``Held`` whose ``lost`` says so, and
+``lock_lost(out)`` asks the same from code that only has the output's name; a run that finds it
+lost must stop, since another run may now be writing the output. The Ray tag goes into the lease
+body, and reaping stays what it is: only a dead holder's processes on this host.
 """
 
 from __future__ import annotations
@@ -28,23 +37,62 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:  # not imported at run time: the reaper (python -m tasks.lock) stays light
+    from schemas.config import StorageConfig
+    from tasks.lease import Lease
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "_lock"
 TAG_VAR = "T2I_RAY_TAG"
 
-_held: dict[str, list[int]] = {}  # resolved out -> [fd, depth]: re-entrant within one process
-
 
 class OutputLocked(RuntimeError):
     """Another live run holds this output."""
+
+
+@dataclass
+class Held:
+    """What ``output_lock`` yields: the lock this process holds on one output (the flock's file
+    descriptor, or the lease on an object store)."""
+
+    fd: int | None = None
+    lease: Lease | None = None
+    depth: int = 1
+
+    @property
+    def lost(self) -> bool:
+        """The lease was lost (another run may hold the output now): stop the run. A flock
+        cannot be lost while its process lives."""
+        return self.lease is not None and self.lease.lost
+
+    def note(self, **fields: Any) -> None:
+        """Add ``fields`` to what the lock says about its holder (for the next run to read)."""
+        if self.lease is not None:
+            self.lease.note(**fields)
+        elif self.fd is not None:
+            _write(self.fd, _read(self.fd) | fields)
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+        elif self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+            finally:
+                os.close(self.fd)  # closing drops the flock
+
+
+_held: dict[str, Held] = {}  # _key(out) -> the lock held: re-entrant within one process
 
 
 def _read(fd: int) -> dict[str, Any]:
@@ -69,19 +117,64 @@ def describe(info: dict[str, Any]) -> str:
             f"({info.get('command')})")
 
 
+def in_use(out: str | Path, holder: dict[str, Any]) -> str:
+    """The refusal's text, one shape for a flock and a lease."""
+    return f"{out} is in use by {describe(holder)}; wait for that run to end or stop it, or use another --out"
+
+
+def now_text() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def holder_info(command: str) -> dict[str, Any]:
+    """Who holds the lock, as the lock records it."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": now_text(), "command": command}
+
+
+def _remote(out: str | Path) -> bool:
+    return urllib.parse.urlsplit(str(out)).scheme in ("s3", "gs")  # tasks.storage.is_remote, without pyarrow
+
+
+def _key(out: str | Path) -> str:
+    """One name per output: its store URL (``s3://bucket/prefix``), or its resolved path."""
+    if _remote(out):
+        parts = urllib.parse.urlsplit(str(out))
+        return f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/")
+    return str(Path(out).resolve())
+
+
 @contextmanager
-def output_lock(out: str | Path, command: str) -> Iterator[None]:
-    """Hold ``out``'s lock for the block; re-entrant in one process (the Prefect flow holds it
-    while its tasks call ``tasks.runner.run``). Raises ``OutputLocked`` naming the holder."""
-    out = Path(out)
-    key = str(out.resolve())
-    if key in _held:
-        _held[key][1] += 1
+def output_lock(out: str | Path, command: str, storage: StorageConfig | None = None) -> Iterator[Held]:
+    """Hold ``out``'s lock for the block: a flock for a local folder, a lease (``tasks.lease``)
+    for an ``s3://`` output, reached with ``storage``. Re-entrant in one process (the Prefect
+    flow holds it while its tasks call ``tasks.runner.run``). Raises ``OutputLocked`` naming the
+    holder. Yields a ``Held``: check its ``lost`` (or ``lock_lost(out)``) on an object store."""
+    key = _key(out)
+    held = _held.get(key)
+    if held is not None:
+        held.depth += 1
         try:
-            yield
+            yield held
         finally:
-            _held[key][1] -= 1
+            held.depth -= 1
         return
+    held = _take_lease(key, command, storage) if _remote(out) else _take_flock(Path(out), command)
+    _held[key] = held
+    try:
+        yield held
+    finally:
+        del _held[key]
+        held.release()
+
+
+def lock_lost(out: str | Path) -> bool:
+    """Whether this process held ``out``'s lock and lost it (a lease on an object store that
+    expired or was taken over): the run must stop writing. False when the lock is not held."""
+    held = _held.get(_key(out))
+    return held is not None and held.lost
+
+
+def _take_flock(out: Path, command: str) -> Held:
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -89,24 +182,26 @@ def output_lock(out: str | Path, command: str) -> Iterator[None]:
     except BlockingIOError:
         holder = _read(fd)
         os.close(fd)
-        raise OutputLocked(f"{out} is in use by {describe(holder)}; wait for that run to end or stop it, "
-                           "or use another --out") from None
+        raise OutputLocked(in_use(out, holder)) from None
     try:
         reap(_read(fd))  # a run killed while holding the lock may have left its Ray processes
-        _write(fd, {"host": socket.gethostname(), "pid": os.getpid(),
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command})
+        _write(fd, holder_info(command))
     except BaseException:
         os.close(fd)
         raise
-    _held[key] = [fd, 1]
+    return Held(fd=fd)
+
+
+def _take_lease(url: str, command: str, storage: StorageConfig | None) -> Held:
+    from tasks.lease import Lease  # boto3 only for outputs on an object store
+
+    lease = Lease(url, command, storage).acquire()
     try:
-        yield
-    finally:
-        del _held[key]
-        try:
-            os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)  # closing drops the flock
+        reap(lease.previous or {})  # a dead holder on this host may have left its Ray processes
+    except BaseException:
+        lease.release()
+        raise
+    return Held(lease=lease)
 
 
 def _ray_processes() -> list[tuple[int, float]]:
@@ -121,12 +216,10 @@ def _ray_processes() -> list[tuple[int, float]]:
 
 def note_ray(out: str | Path) -> None:
     """Record the local Ray runtime (its tag and processes) in the held lock, for the next run to reap."""
-    held = _held.get(str(Path(out).resolve()))
+    held = _held.get(_key(out))
     if held is None or TAG_VAR not in os.environ:
         return
-    info = _read(held[0])
-    info["ray_tag"], info["ray"] = os.environ[TAG_VAR], _ray_processes()
-    _write(held[0], info)
+    held.note(ray_tag=os.environ[TAG_VAR], ray=_ray_processes())
 
 
 def reap(info: dict[str, Any]) -> int:

@@ -1,0 +1,340 @@
+"""The output's lock on an object store: a lease, the object ``OUT/_lock``.
+
+An object store has no flock, and nothing there notices that a process died. So a run holds a
+lease: it creates ``OUT/_lock`` with a conditional put (``If-None-Match: *``: of runs racing to
+create it, exactly one succeeds) and renews it every ttl/3 from a daemon thread with another
+conditional put (``If-Match: <the ETag of its last write>``), so a renewal fails, and the holder
+learns it lost the lease, as soon as anyone else has written or deleted the object. The body says
+who holds it (host, pid, start, command, last renewal, ttl) and a random token of the holder's.
+
+A lease whose last write is older than its ttl belongs to a dead (or cut off) run and is taken over
+with ``If-Match: <the stale ETag>``, so of takers racing, one wins. A run killed with SIGKILL thus
+blocks its output for up to ttl (60 s by default) plus one second, not zero as a flock does; the
+refusal says how long is left. The age is the object's ``Last-Modified`` against the ``Date`` of the
+same response, both the server's clock: no host's clock (the holder's or the taker's) is trusted.
+HTTP dates are whole seconds, hence the extra second.
+
+Release deletes the object with ``If-Match: <own ETag>``: a run never deletes a lease another run
+took. A holder that cannot renew for a whole ttl (the store unreachable) counts its lease as lost
+too: by then another run may have taken it.
+
+The client is built from the same settings as ``tasks.storage`` (``storage:`` first, then the
+standard AWS variables and ``~/.aws``), with short timeouts and few retries so that a renewal cannot
+hang past its ttl. Keys never reach the body, a message or a log line. ``gs://`` is refused: GCS's
+preconditions are generation numbers, not the S3 ETag headers this speaks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import boto3
+import botocore.loaders
+import botocore.session
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from schemas.config import StorageConfig
+from tasks.lock import LOCK_NAME, OutputLocked, describe, holder_info, in_use, now_text
+from tasks.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL_S = 60.0
+DATE_STEP_S = 1.0  # Date and Last-Modified are whole seconds
+TAKE_ATTEMPTS = 3  # a lease that changes hands this often while we look is busy
+
+_HINTS = {
+    "NoSuchBucket": "the bucket does not exist (create it first)",
+    "SignatureDoesNotMatch": "wrong secret key",
+    "InvalidAccessKeyId": "unknown access key",
+    "AccessDenied": "access denied (wrong or missing credentials)",
+}
+
+
+def client(storage: StorageConfig | None = None) -> Any:
+    """A boto3 S3 client with ``tasks.storage``'s settings: what ``storage`` leaves out comes from
+    AWS_ENDPOINT_URL(_S3), AWS_REGION/AWS_DEFAULT_REGION, the key variables, AWS_PROFILE and ~/.aws.
+    Path-style addressing on a custom endpoint (MinIO, SeaweedFS have no virtual hosts)."""
+    storage = storage or StorageConfig()
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    keys: dict[str, str] = {}
+    if storage.access_key_id and storage.secret_access_key:
+        keys = {"aws_access_key_id": storage.access_key_id.get_secret_value(),
+                "aws_secret_access_key": storage.secret_access_key.get_secret_value()}
+    config = Config(connect_timeout=5, read_timeout=10, retries={"mode": "standard", "total_max_attempts": 3},
+                    # S3-compatible stores reject or ignore the newer default checksums
+                    request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                    s3={"addressing_style": "path"} if endpoint else None,
+                    signature_version=UNSIGNED if storage.anonymous else None)
+    if endpoint and "://" not in endpoint:
+        endpoint = f"https://{endpoint}"
+    core = botocore.session.get_session()  # a session of its own: credentials resolved now, not cached from before
+    core.register_component("data_loader", _models())
+    return boto3.session.Session(botocore_session=core).client("s3", endpoint_url=endpoint, region_name=region,
+                                                               config=config, **keys)
+
+
+@functools.cache
+def _models() -> botocore.loaders.Loader:
+    """botocore's service descriptions, read once per process (a fresh session reads them again: 0.2 s)."""
+    return botocore.loaders.create_loader()
+
+
+def why(exc: BaseException) -> str:
+    """What went wrong, for a person; botocore's texts name the endpoint and operation, never a key."""
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code") or str(_status(exc))
+        return f"{_HINTS.get(code, code)} ({code} during {exc.operation_name})"
+    if isinstance(exc, NoCredentialsError):
+        return ("no credentials (give storage.access_key_id/secret_access_key, AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws)")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _conflict(exc: ClientError) -> bool:
+    """A precondition failed: someone else wrote or deleted the object since we looked."""
+    return _status(exc) in (409, 412) or exc.response.get("Error", {}).get("Code") == "NoSuchKey"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """The lease object as read: its body, ETag and age by the server's clock."""
+
+    holder: dict[str, Any]
+    etag: str
+    age_s: float
+
+    def expires_in(self, default_ttl_s: float) -> float:
+        """Seconds until it may be taken over (<= 0: now), by the holder's own ttl."""
+        try:
+            ttl = float(self.holder["ttl_s"])
+        except (KeyError, TypeError, ValueError):
+            ttl = default_ttl_s
+        return ttl + DATE_STEP_S - self.age_s
+
+
+class Lease:
+    """One run's hold on an output on S3 (see the module docstring). ``acquire`` takes it or raises
+    ``OutputLocked``; ``release`` gives it back; ``lost`` turns true (and ``on_lost(reason)`` is
+    called from the renewal thread) once another run wrote or deleted it, or it went unrenewed for
+    a ttl."""
+
+    def __init__(self, location: str, command: str, storage: StorageConfig | None = None, *,
+                 ttl_s: float = LEASE_TTL_S, on_lost: Callable[[str], None] | None = None):
+        parts = urllib.parse.urlsplit(str(location))
+        if parts.scheme != "s3":
+            raise StorageError(f"{location}: an output's lease needs s3:// (on gs:// its conditional writes use "
+                               "generation numbers, which this does not speak); use an s3:// or local --out")
+        if not parts.netloc:
+            raise StorageError(f"{location}: no bucket named")
+        prefix = parts.path.strip("/")
+        self.url = f"s3://{parts.netloc}/{prefix}".rstrip("/")
+        self.bucket, self.key = parts.netloc, f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME
+        self.lock_url = f"s3://{self.bucket}/{self.key}"
+        self.ttl_s, self.on_lost = float(ttl_s), on_lost
+        self.info = holder_info(command) | {"token": secrets.token_hex(16)}  # the token tells our writes apart
+        self.previous: dict[str, Any] | None = None  # the dead holder's body, when acquire took a stale lease
+        self.lost_reason: str | None = None
+        self._client = client(storage)
+        self._etag: str | None = None  # of our last write; None when not held
+        self._renewed = 0.0  # monotonic time our last successful write was sent
+        self._mutex = threading.Lock()  # one write at a time: renewal thread, note, release
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"Lease({self.lock_url!r}, held={self._etag is not None}, lost={self.lost})"
+
+    @property
+    def lost(self) -> bool:
+        return self.lost_reason is not None
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # -- taking --------------------------------------------------------------------------------
+
+    def acquire(self) -> Lease:
+        """Take the lease (create it, or take over a stale one) and start renewing it. Raises
+        ``OutputLocked`` naming a live holder, ``StorageError`` if the store cannot be used (the
+        first request is a read: nothing is written then)."""
+        if self._etag is not None:
+            return self  # held already: one renewal thread per lease
+        try:
+            self._take()
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"cannot take the lease {self.lock_url}: {why(exc)}") from None
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._keep, name=f"lease {self.lock_url}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _take(self) -> None:
+        sent, taken = time.monotonic(), None
+        seen = None
+        for _ in range(TAKE_ATTEMPTS):
+            seen = self.read()
+            if seen is not None and seen.holder.get("token") == self.info["token"]:
+                self._etag = seen.etag  # our write went through but its reply was lost (a retry then failed)
+                break
+            if seen is None:
+                condition = {"IfNoneMatch": "*"}
+            elif seen.expires_in(self.ttl_s) <= 0:
+                condition = {"IfMatch": seen.etag}
+            else:
+                raise OutputLocked(self._busy(seen))
+            sent, taken = time.monotonic(), seen
+            try:
+                self._etag = self._put(**condition)
+                break
+            except ClientError as exc:
+                if not _conflict(exc):
+                    raise
+                # another run created or took it first: look again
+        else:
+            raise OutputLocked(self._busy(seen))
+        self._renewed = sent
+        self.previous = taken.holder if taken else None
+        if taken:
+            log.warning("took over the lease %s of %s: unrenewed for %.0f s", self.lock_url,
+                        describe(taken.holder), taken.age_s)
+
+    def _busy(self, seen: Seen | None) -> str:
+        if seen is None:
+            return in_use(self.url, {}) + " (the lease changed hands while this run looked)"
+        left = max(1, math.ceil(seen.expires_in(self.ttl_s)))
+        return in_use(self.url, seen.holder) + f" (if that run is dead, its lease expires in {left} s)"
+
+    def read(self) -> Seen | None:
+        """The lease object now, or None if there is none."""
+        try:
+            got = self._client.get_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+                return None
+            raise
+        raw = got["Body"].read()
+        try:
+            holder = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            holder = {}
+        date = got["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(date) if date else datetime.now(UTC)  # a server without Date: our clock
+        age_s = (now - got["LastModified"]).total_seconds()
+        return Seen(holder if isinstance(holder, dict) else {}, got["ETag"], age_s)
+
+    def _put(self, **condition: str) -> str:
+        body = json.dumps(self.info | {"renewed": now_text(), "ttl_s": self.ttl_s}, indent=1).encode()
+        return self._client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
+                                       ContentType="application/json", **condition)["ETag"]
+
+    # -- holding -------------------------------------------------------------------------------
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3) and not self.lost:
+            self.renew()
+
+    def renew(self) -> None:
+        """Write the lease again, if it is still ours (the renewal thread calls this every ttl/3)."""
+        with self._mutex:
+            if self._etag is None or self.lost:
+                return
+            sent = time.monotonic()
+            try:
+                self._etag = self._put(IfMatch=self._etag)
+                self._renewed = sent
+                return
+            except ClientError as exc:
+                failure: BaseException | None = None if _conflict(exc) else exc
+            except BotoCoreError as exc:
+                failure = exc
+            if failure is None:
+                self._changed()
+            elif time.monotonic() - self._renewed > self.ttl_s:
+                self._lose(f"not renewed for {self.ttl_s:g} s ({why(failure)}); another run may hold it now")
+            else:
+                log.warning("could not renew the lease %s, will retry: %s", self.lock_url, why(failure))
+
+    def _changed(self) -> None:
+        """A conditional write failed: lost, unless the object is still ours (a write whose reply
+        was lost, then retried)."""
+        try:
+            seen = self.read()
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("could not read the lease %s, will retry: %s", self.lock_url, why(exc))
+            return
+        if seen is not None and seen.holder.get("token") == self.info["token"]:
+            self._etag = seen.etag
+        else:
+            self._lose("deleted by someone else" if seen is None else f"taken by {describe(seen.holder)}")
+
+    def _lose(self, reason: str) -> None:
+        self.lost_reason = reason
+        log.error("lost the lease %s: %s; this run must stop (another may be writing the output)",
+                  self.lock_url, reason)
+        if self.on_lost is not None:
+            try:
+                self.on_lost(reason)
+            except Exception:
+                log.exception("the lease's on_lost callback failed")
+
+    def note(self, **fields: Any) -> None:
+        """Add ``fields`` to the lease's body (the local Ray runtime's tag, for the next run) and
+        write it now."""
+        self.info |= fields
+        self.renew()
+
+    # -- giving back ---------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease if it is still ours; never raises (a lease left
+        behind expires after its ttl)."""
+        self._stop.set()
+        with self._mutex:
+            etag, self._etag = self._etag, None
+            if etag is None or self.lost:
+                return  # not held, or someone else's now: never delete it
+            try:
+                self._delete(etag)
+            except (ClientError, BotoCoreError) as exc:
+                log.warning("could not delete the lease %s (%s); it expires %g s after its last renewal",
+                            self.lock_url, why(exc), self.ttl_s)
+
+    def _delete(self, etag: str) -> None:
+        for _ in range(2):
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
+                return
+            except ClientError as exc:
+                if not _conflict(exc):
+                    raise
+            seen = self.read()
+            if seen is None:
+                return
+            if seen.holder.get("token") != self.info["token"]:
+                self._lose(f"taken by {describe(seen.holder)} before this run released it (left in place)")
+                return
+            etag = seen.etag  # our renewal went through but its reply was lost
