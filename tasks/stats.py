@@ -1,7 +1,8 @@
 """The DuckDB queries behind `t2i stats`: counts, reasons, signal percentiles, buckets.
 
 DuckDB reads only the columns a query names, so the image bytes in the shards are
-never loaded to compute statistics.
+never loaded to compute statistics (on an object store, only those columns' byte ranges
+are fetched). Only committed parts are counted (tasks/shards.py).
 """
 
 from __future__ import annotations
@@ -11,52 +12,72 @@ from typing import Any
 
 import duckdb
 
+from schemas.config import StorageConfig
+from tasks.shards import committed_glob
+from tasks.storage import Store, duckdb_setup, is_remote, open_store
+
 NOT_SIGNALS = {"key", "image", "caption", "source", "meta", "bucket_width", "bucket_height", "phash", "reason",
                "error"}
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
-def _glob(out: Path, kind: str) -> str | None:
-    files = sorted((out / kind).glob("*.parquet"))
-    # Quoted for a SQL string literal: a folder name may hold a quote.
-    return str(out / kind / "*.parquet").replace("'", "''") if files else None
+def _literal(text: str) -> str:
+    """A SQL string literal: a folder or bucket name may hold a quote."""
+    return "'" + text.replace("'", "''") + "'"
 
 
-def _numeric_columns(con: duckdb.DuckDBPyConnection, glob: str) -> list[str]:
-    rows = con.execute(f"DESCRIBE SELECT * FROM read_parquet('{glob}', union_by_name=true)").fetchall()
+def _ident(column: str) -> str:
+    return '"' + column.replace('"', '""') + '"'
+
+
+def _source(store: Store, kind: str) -> str | None:
+    """``read_parquet`` over ``kind``'s committed parts only (an object store may also hold parts of
+    attempts that never committed), or None when there are none."""
+    parts = committed_glob(store, kind)
+    if parts is None:
+        return None
+    files = _literal(parts) if isinstance(parts, str) else "[" + ", ".join(map(_literal, parts)) + "]"
+    return f"read_parquet({files}, union_by_name=true)"
+
+
+def _numeric_columns(con: duckdb.DuckDBPyConnection, src: str) -> list[str]:
+    rows = con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()
     numeric = ("INT", "FLOAT", "DOUBLE", "DECIMAL", "BIGINT", "SMALLINT", "REAL")
     return [r[0] for r in rows if r[0] not in NOT_SIGNALS and any(t in r[1].upper() for t in numeric)]
 
 
-def compute_stats(out: str | Path) -> dict[str, Any]:
-    out = Path(out)
+def compute_stats(out: str | Path, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """The summary of an output, a local folder or an ``s3://`` URL (read through DuckDB's httpfs
+    with the same endpoint and keys as the store)."""
+    store = open_store(out, storage)
     con = duckdb.connect()
-    kept_glob, reject_glob = _glob(out, "shards"), _glob(out, "rejects")
-    stats: dict[str, Any] = {"out": str(out), "kept": 0, "rejected": 0, "reasons": {}, "signals": {},
-                             "buckets": [], "duplicate_keys": 0}
-    if kept_glob:
-        src = f"read_parquet('{kept_glob}', union_by_name=true)"
-        stats["kept"] = con.execute(f"SELECT count(*) FROM {src}").fetchone()[0]
-        for col in _numeric_columns(con, kept_glob):
+    for statement in duckdb_setup(store, storage):
+        con.execute(statement)
+    kept_src, reject_src = _source(store, "shards"), _source(store, "rejects")
+    stats: dict[str, Any] = {"out": store.url() if is_remote(out) else str(Path(out)), "kept": 0, "rejected": 0,
+                             "reasons": {}, "signals": {}, "buckets": [], "duplicate_keys": 0}
+    if kept_src:
+        stats["kept"] = con.execute(f"SELECT count(*) FROM {kept_src}").fetchone()[0]
+        for name in _numeric_columns(con, kept_src):
+            col = _ident(name)
             qs = ", ".join(f"quantile_cont({col}, {q})" for q in QUANTILES)
-            row = con.execute(f"SELECT count({col}), min({col}), avg({col}), max({col}), {qs} FROM {src}").fetchone()
-            stats["signals"][col] = {"n": row[0], "min": row[1], "mean": row[2], "max": row[3],
-                                     **{f"p{round(q * 100)}": v for q, v in zip(QUANTILES, row[4:], strict=True)}}
+            row = con.execute(f"SELECT count({col}), min({col}), avg({col}), max({col}), {qs} FROM {kept_src}"
+                              ).fetchone()
+            stats["signals"][name] = {"n": row[0], "min": row[1], "mean": row[2], "max": row[3],
+                                      **{f"p{round(q * 100)}": v for q, v in zip(QUANTILES, row[4:], strict=True)}}
         stats["buckets"] = [
             {"bucket": f"{w}x{h}", "rows": n}
             for w, h, n in con.execute(
-                f"SELECT bucket_width, bucket_height, count(*) n FROM {src} "
+                f"SELECT bucket_width, bucket_height, count(*) n FROM {kept_src} "
                 "GROUP BY ALL ORDER BY n DESC, bucket_width").fetchall()
         ]
-    if reject_glob:
-        src = f"read_parquet('{reject_glob}', union_by_name=true)"
-        stats["rejected"] = con.execute(f"SELECT count(*) FROM {src}").fetchone()[0]
-        stats["reasons"] = dict(con.execute(
-            f"SELECT reason, count(*) n FROM {src} GROUP BY reason ORDER BY n DESC, reason").fetchall())
-    if kept_glob:  # should be 0: the run moves later duplicates to rejects/
+        # should be 0: the run moves later duplicates to rejects/
         stats["duplicate_keys"] = con.execute(
-            f"SELECT count(*) FROM (SELECT key FROM read_parquet('{kept_glob}') GROUP BY key HAVING count(*) > 1)"
-        ).fetchone()[0]
+            f"SELECT count(*) FROM (SELECT key FROM {kept_src} GROUP BY key HAVING count(*) > 1)").fetchone()[0]
+    if reject_src:
+        stats["rejected"] = con.execute(f"SELECT count(*) FROM {reject_src}").fetchone()[0]
+        stats["reasons"] = dict(con.execute(
+            f"SELECT reason, count(*) n FROM {reject_src} GROUP BY reason ORDER BY n DESC, reason").fetchall())
     total = stats["kept"] + stats["rejected"]
     stats["kept_fraction"] = round(stats["kept"] / total, 4) if total else None
     return stats

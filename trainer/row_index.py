@@ -2,7 +2,8 @@
 
 ``RowIndex`` holds file, row, row group, size, recorded bucket and key per selected row (about
 44 bytes a row), so it stays small when the shards do not; images are read later, by
-trainer/shard_reader.py, as batches need them.
+trainer/shard_reader.py, as batches need them. Shards may be local or on S3 (``s3://``, endpoint and
+keys from the environment), read through DuckDB's httpfs here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from tasks.shards import MANIFEST, committed_files
+from tasks.storage import duckdb_setup, is_remote, open_store
 
 if TYPE_CHECKING:
     from trainer.data import DataConfig
@@ -27,23 +30,63 @@ log = logging.getLogger(__name__)
 
 
 def shard_files(entries: list[str]) -> list[str]:
-    """The Parquet files ``entries`` name: a curate output dir (its shards/, never rejects/), a dir
-    of *.parquet, a file or a glob. An entry that matches nothing is an error, not a silent skip."""
+    """The Parquet files ``entries`` name: a curate output dir (its committed shards/, never rejects/),
+    a dir of *.parquet, a file or a glob, locally or as an ``s3://`` URL (a bucket prefix is a dir;
+    settings from the environment). An entry that matches nothing is an error, not a silent skip."""
     if not entries:
         raise ValueError("data.shards is empty: name the curated or synthetic shard folders")
     files: set[str] = set()
     for entry in entries:
-        path = Path(entry)
-        if path.is_dir():
-            found = list(((path / "shards") if (path / "shards").is_dir() else path).glob("*.parquet"))
-        elif path.is_file():
-            found = [path]
-        else:
-            found = [Path(f) for f in glob.glob(entry, recursive=True) if f.endswith(".parquet")]
+        found = [canonical(f) for f in _entry_files(entry)]
         if not found:
             raise ValueError(f"data.shards: {entry!r} holds no .parquet file")
-        files.update(str(f.resolve()) for f in found)
+        files.update(found)
     return sorted(files)
+
+
+def _entry_files(entry: str) -> list[str]:
+    """The files of one entry, by local path or URL (not yet canonical)."""
+    remote = is_remote(entry)
+    if not remote and not Path(entry).exists():
+        return [f for f in glob.glob(entry, recursive=True) if f.endswith(".parquet")]
+    if remote and any(c in entry for c in "*?["):  # DuckDB globs the bucket as read_parquet would
+        return [f for (f,) in connect([entry]).execute("SELECT file FROM glob($p)", {"p": entry}).fetchall()
+                if f.endswith(".parquet")]
+    store = open_store(entry)
+    if store.info("") is not None:
+        return [store.url()]
+    if store.list(MANIFEST, ".json") or store.list("shards", ".parquet"):
+        # an object store may hold parts of attempts never committed: only the manifest's count
+        return committed_files(store, "shards")
+    return [store.url(e.rel) for e in store.list("", ".parquet")]
+
+
+def canonical(path: str) -> str:
+    """How a file is named in the index: an object-store URL as it is, a local path resolved (so
+    DuckDB's ``filename`` and the listing agree)."""
+    return path if is_remote(path) else str(Path(path).resolve())
+
+
+def connect(files: list[str]) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that can read ``files``: httpfs with the environment's endpoint and keys
+    when one is on an object store (all of them share the settings)."""
+    con = duckdb.connect()
+    remote = next((f for f in files if is_remote(f)), None)
+    if remote is not None:
+        for statement in duckdb_setup(open_store(remote)):
+            con.execute(statement)
+    return con
+
+
+def _group_rows(con: duckdb.DuckDBPyConnection, files: list[str]) -> dict[str, list[int]]:
+    """Rows per row group of each file, in order: the footers read by DuckDB in parallel (one
+    request each on an object store, not one file after another)."""
+    found: dict[str, list[int]] = {}
+    for name, _, rows in con.execute("SELECT file_name, row_group_id, any_value(row_group_num_rows) "
+                                     "FROM parquet_metadata($files) GROUP BY ALL ORDER BY ALL",
+                                     {"files": files}).fetchall():
+        found.setdefault(canonical(name), []).append(rows)
+    return found
 
 
 def _quote(column: str) -> str:
@@ -101,7 +144,7 @@ class RowIndex:
         """One DuckDB query over every file (union by name: synthetic shards may lack columns, which
         then read as NULL and fail any bound on them)."""
         files = shard_files(cfg.shards)
-        con = duckdb.connect()
+        con = connect(files)
         src = "read_parquet($files, filename=true, file_row_number=true, union_by_name=true)"
         columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {src}", {"files": files}).fetchall()]
         available = ", ".join(c for c in columns if c not in ("filename", "file_row_number"))
@@ -132,13 +175,13 @@ class RowIndex:
         if table.num_rows == 0:
             raise ValueError(f"no row of {len(files)} shard files passes select={cfg.select} "
                              f"min_short_side={cfg.min_short_side}")
-        return cls._from_table(files, table)
+        return cls._from_table(files, table, _group_rows(con, files))
 
     @classmethod
-    def _from_table(cls, files: list[str], table: pa.Table) -> RowIndex:
+    def _from_table(cls, files: list[str], table: pa.Table, group_rows: dict[str, list[int]]) -> RowIndex:
         names = pc.dictionary_encode(table.column("filename").combine_chunks())
         ids = {f: i for i, f in enumerate(files)}
-        file = np.array([ids[str(Path(f).resolve())] for f in names.dictionary.to_pylist()],
+        file = np.array([ids[canonical(f)] for f in names.dictionary.to_pylist()],
                         dtype=np.int32)[names.indices.to_numpy()]
         row = table.column("file_row_number").to_numpy().astype(np.int64)
         order = np.lexsort((row, file))
@@ -149,8 +192,7 @@ class RowIndex:
         group = np.zeros(len(row), dtype=np.int32)
         g_file, g_number, g_start = [], [], []
         for f, path in enumerate(files):
-            meta = pq.read_metadata(path)
-            starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])[:-1]
+            starts = np.cumsum([0, *group_rows.get(path, [])])[:-1]
             lo, hi = np.searchsorted(file, [f, f + 1])
             group[lo:hi] = len(g_start) + np.searchsorted(starts, row[lo:hi], side="right") - 1
             g_file += [f] * len(starts)

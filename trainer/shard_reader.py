@@ -2,11 +2,13 @@
 
 A row group is read front to back in record batches of ``CHUNK_ROWS`` rows through a small read
 buffer; rows passed on the way that a later batch of this process needs are kept (up to a byte
-cap), others dropped, and at most ``max_open`` row groups are open at once.
+cap), others dropped, and at most ``max_open`` row groups are open at once. Files on an object
+store are read the same way: ranged reads fetch the row groups as they are read, nothing more.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -15,11 +17,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks import storage
+from tasks.storage import is_remote, open_store
 from trainer.captions import CaptionConfig
 from trainer.row_index import RowIndex
 
 CHUNK_ROWS = 16  # rows per record batch read from a row group
 READ_BUFFER = 1 << 20  # pyarrow streams pages through this buffer instead of loading a column chunk
+
+# A forked DataLoader worker must not use the object-store client its parent cached (tasks/storage.py): they
+# would share its pooled connections and get each other's replies (corrupt reads). Each child makes its own.
+for _cached in (storage._s3, storage._gcs):
+    os.register_at_fork(after_in_child=_cached.cache_clear)
 
 
 @dataclass
@@ -31,11 +40,21 @@ class ShardRow:
     synthetic: bool
 
 
+def open_parquet(path: str, **kwargs: Any) -> pq.ParquetFile:
+    """A Parquet file by local path or URL; a remote one is opened random access through its store,
+    so only the footer and the row groups read are fetched (closed with the ParquetFile)."""
+    if not is_remote(path):
+        return pq.ParquetFile(path, **kwargs)
+    store = open_store(path)
+    return pq.ParquetFile(store.path(), filesystem=store.fs, **kwargs)
+
+
 class _GroupCursor:
-    """One row group read front to back in record batches of CHUNK_ROWS rows."""
+    """One row group read front to back in record batches of CHUNK_ROWS rows (of a local file, or
+    fetched from an object store as the batches need them)."""
 
     def __init__(self, path: str, number: int, columns: list[str]):
-        self.file = pq.ParquetFile(path, buffer_size=READ_BUFFER)
+        self.file = open_parquet(path, buffer_size=READ_BUFFER)
         present = set(self.file.schema_arrow.names)
         self.num_rows = self.file.metadata.row_group(number).num_rows
         self._batches = self.file.iter_batches(batch_size=CHUNK_ROWS, row_groups=[number], use_threads=False,
