@@ -29,6 +29,7 @@ import ray
 from schemas.config import ConfigError, CurateConfig
 from tasks.actors import Pools, PoolUnavailable, pool_resources, start_pools, stop_pools
 from tasks.chain import SignalFailing
+from tasks.lock import lock_lost
 from tasks.process import ShardResult, process_shard
 from tasks.sources import SourceShard
 from tasks.storage import is_remote, store_error_text
@@ -178,9 +179,17 @@ class Dispatcher:
     def _abort(self, result: Fatal) -> None:
         self.aborted = self.aborted or f"shard {result.shard_id}: {result.message}"
 
+    def _check_lock(self) -> None:
+        """A lost lease (the object store unreachable for its ttl, or the lock taken over) means
+        another run may now own the output: stop handing out shards. Shards already in flight
+        may still commit; their parts have names of their own, so neither run's files clash."""
+        if not self.aborted and lock_lost(self.out):
+            self.aborted = f"the lock on {self.out} was lost (see the log); run again to resume"
+
     def _here(self, todo: list[SourceShard], finished: Finished) -> dict[str, str]:
         failed: dict[str, str] = {}
         for shard in todo:
+            self._check_lock()
             if self.aborted:
                 break
             self._collect(lambda s=shard: _process_guarded(s, self.cfg, str(self.out), None, self.skip),
@@ -193,6 +202,7 @@ class Dispatcher:
         pending: dict[Any, SourceShard] = {}
         queue = list(reversed(todo))
         while (queue and not self.aborted) or pending:
+            self._check_lock()
             if self.aborted:  # another caller (or this one) stopped the run
                 for ref in pending:
                     ray.cancel(ref, force=True)

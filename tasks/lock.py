@@ -193,9 +193,11 @@ def _take_flock(out: Path, command: str) -> Held:
 
 
 def _take_lease(url: str, command: str, storage: StorageConfig | None) -> Held:
+    from schemas.config import StorageConfig
     from tasks.lease import Lease  # boto3 only for outputs on an object store
 
-    lease = Lease(url, command, storage).acquire()
+    storage = storage or StorageConfig()
+    lease = Lease(url, command, storage, ttl_s=storage.lease_ttl_s).acquire()
     try:
         reap(lease.previous or {})  # a dead holder on this host may have left its Ray processes
     except BaseException:

@@ -297,6 +297,12 @@ def _gcs(endpoint: str | None) -> pafs.FileSystem:
     return pafs.GcsFileSystem(**kwargs)
 
 
+# A forked process (a DataLoader worker) must not use the clients its parent cached: they would share
+# pooled connections and read each other's replies (corrupt Parquet footers, seen). Each child makes its own.
+for _cached in (_s3, _gcs):
+    os.register_at_fork(after_in_child=_cached.cache_clear)
+
+
 def duckdb_setup(store: Store, storage: StorageConfig | None = None) -> list[str]:
     """DuckDB statements that let it read ``store``'s files by URL (httpfs with the same endpoint,
     region and keys); none for a local store. Keys go into a temporary secret of the connection,
@@ -321,7 +327,7 @@ def duckdb_setup(store: Store, storage: StorageConfig | None = None) -> list[str
         url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
         fields += [("ENDPOINT", url.netloc), ("URL_STYLE", "path"), ("USE_SSL", str(url.scheme == "https").lower())]
     body = ", ".join(f"{k} {_sql_value(v)}" for k, v in fields)
-    return [_load_httpfs(), f"CREATE OR REPLACE TEMPORARY SECRET t2i_store ({body})"]
+    return [load_httpfs(), f"CREATE OR REPLACE TEMPORARY SECRET t2i_store ({body})"]
 
 
 def _sql_value(value: str) -> str:
@@ -330,7 +336,7 @@ def _sql_value(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _load_httpfs() -> str:
+def load_httpfs() -> str:
     """LOAD from the wheel that ships the extension (no download at run time)."""
     try:
         import duckdb_extension_httpfs  # type: ignore[import-not-found]

@@ -307,7 +307,7 @@ def test_a_shard_redone_after_a_killed_pass_is_planned_again(small, tmp_path, ca
     process_shard(shard, small.cfg, out)
 
     prepare = dedupe._prepare  # between finishing the old journal and planning anew
-    monkeypatch.setattr(dedupe, "_prepare", lambda out: (assert_consistent(out), prepare(out))[1])
+    monkeypatch.setattr(dedupe, "_prepare", lambda store: (assert_consistent(Path(store.path())), prepare(store))[1])
     dedupe_keys(out)
     assert f"shard {victim} changed since the duplicate-key pass was planned" in caplog.text
     assert_consistent(out)

@@ -12,14 +12,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import photo_samples, write_webdataset
 from ray_cluster import RayCluster
-from s3_server import S3Bucket
 from test_s3_curate import store_of, upload
 
 from tasks.shards import Manifest
+
+if TYPE_CHECKING:  # importing it at run time would load it before pytest registers it as a plugin
+    from s3_server import S3Bucket
 
 pytest_plugins = ["s3_server"]
 

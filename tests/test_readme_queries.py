@@ -15,7 +15,7 @@ from test_readers_s3 import upload_output
 
 from schemas.config import CurateConfig
 from tasks.runner import run
-from tasks.storage import _load_httpfs
+from tasks.storage import load_httpfs
 
 if TYPE_CHECKING:
     from s3_server import S3Bucket
@@ -72,7 +72,7 @@ def test_readme_queries(curated):
 def test_readme_queries_on_s3(curated, s3: S3Bucket):
     url = upload_output(curated, s3)
     con = duckdb.connect()
-    con.execute(_load_httpfs())  # the README's `LOAD httpfs`, from the duckdb-extension-httpfs wheel: no download
+    con.execute(load_httpfs())  # the README's `LOAD httpfs`, from the duckdb-extension-httpfs wheel: no download
     con.execute(readme_s3_secret(s3))
     remote, local = run_queries(con, url), run_queries(duckdb.connect(), str(curated))
     assert all(local)

@@ -8,7 +8,6 @@ store are read the same way: ranged reads fetch the row groups as they are read,
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -17,19 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks import storage
 from tasks.storage import is_remote, open_store
 from trainer.captions import CaptionConfig
 from trainer.row_index import RowIndex
 
 CHUNK_ROWS = 16  # rows per record batch read from a row group
 READ_BUFFER = 1 << 20  # pyarrow streams pages through this buffer instead of loading a column chunk
-
-# A forked DataLoader worker must not use the object-store client its parent cached (tasks/storage.py): they
-# would share its pooled connections and get each other's replies (corrupt reads). Each child makes its own.
-for _cached in (storage._s3, storage._gcs):
-    os.register_at_fork(after_in_child=_cached.cache_clear)
-
 
 @dataclass
 class ShardRow:
