@@ -30,7 +30,6 @@ import functools
 import json
 import logging
 import math
-import os
 import secrets
 import threading
 import time
@@ -50,7 +49,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from schemas.config import StorageConfig
 from tasks.lock import LOCK_NAME, OutputLocked, describe, holder_info, in_use, now_text
-from tasks.storage import StorageError
+from tasks.storage import StorageError, s3_settings
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +69,16 @@ def client(storage: StorageConfig | None = None) -> Any:
     """A boto3 S3 client with ``tasks.storage``'s settings: what ``storage`` leaves out comes from
     AWS_ENDPOINT_URL(_S3), AWS_REGION/AWS_DEFAULT_REGION, the key variables, AWS_PROFILE and ~/.aws.
     Path-style addressing on a custom endpoint (MinIO, SeaweedFS have no virtual hosts)."""
-    storage = storage or StorageConfig()
-    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    settings = s3_settings(storage)
+    endpoint, region = settings.endpoint, settings.region
     keys: dict[str, str] = {}
-    if storage.access_key_id and storage.secret_access_key:
-        keys = {"aws_access_key_id": storage.access_key_id.get_secret_value(),
-                "aws_secret_access_key": storage.secret_access_key.get_secret_value()}
+    if settings.key and settings.secret:
+        keys = {"aws_access_key_id": settings.key, "aws_secret_access_key": settings.secret}
     config = Config(connect_timeout=5, read_timeout=10, retries={"mode": "standard", "total_max_attempts": 3},
                     # S3-compatible stores reject or ignore the newer default checksums
                     request_checksum_calculation="when_required", response_checksum_validation="when_required",
                     s3={"addressing_style": "path"} if endpoint else None,
-                    signature_version=UNSIGNED if storage.anonymous else None)
+                    signature_version=UNSIGNED if settings.anonymous else None)
     if endpoint and "://" not in endpoint:
         endpoint = f"https://{endpoint}"
     core = botocore.session.get_session()  # a session of its own: credentials resolved now, not cached from before

@@ -263,14 +263,38 @@ def open_store(location: str | Path, storage: StorageConfig | None = None) -> St
     return store
 
 
+@dataclass(frozen=True)
+class S3Settings:
+    """What every S3 client here (pyarrow, DuckDB's httpfs, boto3 for the lease) is built from:
+    the config's values, else the standard variables. ``key``/``secret`` None: the client's own
+    chain (variables, AWS_PROFILE, ~/.aws, an instance role)."""
+
+    endpoint: str | None
+    region: str | None
+    key: str | None
+    secret: str | None
+    anonymous: bool
+
+    def __repr__(self) -> str:  # never the keys
+        return f"S3Settings(endpoint={self.endpoint!r}, region={self.region!r}, anonymous={self.anonymous})"
+
+
+def s3_settings(storage: StorageConfig | None = None) -> S3Settings:
+    storage = storage or StorageConfig()
+    keys = None, None
+    if storage.access_key_id and storage.secret_access_key:
+        keys = storage.access_key_id.get_secret_value(), storage.secret_access_key.get_secret_value()
+    return S3Settings(
+        endpoint=storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        region=storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        key=keys[0], secret=keys[1], anonymous=storage.anonymous)
+
+
 def _filesystem(scheme: str, storage: StorageConfig) -> pafs.FileSystem:
     if scheme == "gs":
         return _gcs(storage.endpoint_url or os.environ.get("STORAGE_EMULATOR_HOST"))
-    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    key = storage.access_key_id.get_secret_value() if storage.access_key_id else None
-    secret = storage.secret_access_key.get_secret_value() if storage.secret_access_key else None
-    return _s3(endpoint, region, key, secret, storage.anonymous)
+    s = s3_settings(storage)
+    return _s3(s.endpoint, s.region, s.key, s.secret, s.anonymous)
 
 
 @functools.lru_cache(maxsize=16)
@@ -309,13 +333,10 @@ def duckdb_setup(store: Store, storage: StorageConfig | None = None) -> list[str
     never into a file."""
     if not isinstance(store, ObjectStore) or not store.url_root.startswith("s3://"):
         return []
-    storage = storage or store.storage or StorageConfig()
-    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    key = (storage.access_key_id.get_secret_value() if storage.access_key_id
-           else os.environ.get("AWS_ACCESS_KEY_ID"))
-    secret = (storage.secret_access_key.get_secret_value() if storage.secret_access_key
-              else os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    settings = s3_settings(storage or store.storage)
+    endpoint, region = settings.endpoint, settings.region or "us-east-1"
+    key = settings.key or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = settings.secret or os.environ.get("AWS_SECRET_ACCESS_KEY")
     fields = [("TYPE", "s3"), ("REGION", region)]
     if key and secret:
         fields += [("KEY_ID", key), ("SECRET", secret)]
