@@ -1,39 +1,50 @@
 """The output's lock on an object store: a lease, the object ``OUT/_lock``.
 
 An object store has no flock, and nothing there notices that a process died. So a run holds a
-lease: it creates ``OUT/_lock`` with a conditional put (``If-None-Match: *``: of runs racing to
-create it, exactly one succeeds) and renews it every ttl/3 from a daemon thread with another
-conditional put (``If-Match: <the ETag of its last write>``), so a renewal fails, and the holder
-learns it lost the lease, as soon as anyone else has written or deleted the object. The body says
-who holds it (host, pid, start, command, last renewal, ttl) and a random token of the holder's.
+lease: it creates ``OUT/_lock`` with a conditional write (of runs racing to create it, exactly one
+succeeds) and renews it every ttl/3 from a daemon thread with another write conditional on the
+version it wrote last, so a renewal fails, and the holder learns it lost the lease, as soon as
+anyone else has written or deleted the object. The body says who holds it (host, pid, start,
+command, last renewal, ttl) and a random token of the holder's.
+
+The version is the ETag on S3 (PutObject with ``If-None-Match: *`` to create, ``If-Match: <ETag>``
+to replace or delete) and the generation on GCS (its JSON API with ``ifGenerationMatch=0`` to
+create, ``ifGenerationMatch=<generation>`` to replace or delete). The semantics are the same.
 
 A lease whose last write is older than its ttl belongs to a dead (or cut off) run and is taken over
-with ``If-Match: <the stale ETag>``, so of takers racing, one wins. A run killed with SIGKILL thus
-blocks its output for up to ttl (60 s by default) plus one second, not zero as a flock does; the
-refusal says how long is left. The age is the object's ``Last-Modified`` against the ``Date`` of the
-same response, both the server's clock: no host's clock (the holder's or the taker's) is trusted.
-HTTP dates are whole seconds, hence the extra second.
+with a write conditional on the stale version, so of takers racing, one wins. A run killed with
+SIGKILL thus blocks its output for up to ttl (60 s by default) plus one second, not zero as a flock
+does; the refusal says how long is left. The age is the object's modification time (S3's
+``Last-Modified``, GCS's ``updated``) against the ``Date`` of the same response, both the server's
+clock: no host's clock (the holder's or the taker's) is trusted. HTTP dates are whole seconds, hence
+the extra second.
 
-Release deletes the object with ``If-Match: <own ETag>``: a run never deletes a lease another run
+Release deletes the object conditional on its own version: a run never deletes a lease another run
 took. A holder that cannot renew for a whole ttl (the store unreachable) counts its lease as lost
 too: by then another run may have taken it.
 
-The client is built from the same settings as ``tasks.storage`` (``storage:`` first, then the
-standard AWS variables and ``~/.aws``), with short timeouts and few retries so that a renewal cannot
-hang past its ttl. Keys never reach the body, a message or a log line. ``gs://`` is refused: GCS's
-preconditions are generation numbers, not the S3 ETag headers this speaks.
+The S3 client is built from the same settings as ``tasks.storage`` (``storage:`` first, then the
+standard AWS variables and ``~/.aws``); GCS is reached at ``storage.endpoint_url`` or
+``STORAGE_EMULATOR_HOST`` (an emulator: anonymous, as ``tasks.storage`` reads it) or else at
+storage.googleapis.com with google-auth's default credentials. Both with short timeouts and few
+retries so that a renewal cannot hang past its ttl. Keys and tokens never reach the body, a message
+or a log line.
 """
 
 from __future__ import annotations
 
 import functools
+import http.client
 import json
 import logging
 import math
+import os
 import secrets
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -101,6 +112,8 @@ def why(exc: BaseException) -> str:
     if isinstance(exc, NoCredentialsError):
         return ("no credentials (give storage.access_key_id/secret_access_key, AWS_ACCESS_KEY_ID/"
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws)")
+    if isinstance(exc, GcsError):
+        return exc.text()
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -114,8 +127,220 @@ def _conflict(exc: ClientError) -> bool:
 
 
 @dataclass(frozen=True)
+class Got:
+    """The lease object as a store returned it: body, version (ETag or generation), when it was
+    last written and the response's Date (None: the server sent none)."""
+
+    body: bytes
+    version: str
+    modified: datetime
+    date: datetime | None
+
+
+class S3Object:
+    """The lease object on S3: PutObject/DeleteObject conditional on the ETag."""
+
+    errors: tuple[type[BaseException], ...] = (ClientError, BotoCoreError)
+
+    def __init__(self, bucket: str, key: str, storage: StorageConfig | None):
+        self.bucket, self.key = bucket, key
+        self._client = client(storage)
+
+    @staticmethod
+    def conflict(exc: BaseException) -> bool:
+        return isinstance(exc, ClientError) and _conflict(exc)
+
+    def get(self) -> Got | None:
+        try:
+            got = self._client.get_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+                return None
+            raise
+        date = got["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        return Got(got["Body"].read(), got["ETag"], got["LastModified"], parsedate_to_datetime(date) if date else None)
+
+    def put(self, body: bytes, version: str | None) -> str:
+        """Write ``body`` if the object is still at ``version`` (None: only if there is none)."""
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        return self._client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
+                                       ContentType="application/json", **condition)["ETag"]
+
+    def delete(self, version: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=version)
+
+
+# -- GCS --------------------------------------------------------------------------------------
+
+GCS_API = "https://storage.googleapis.com"
+GCS_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
+GCS_TIMEOUT_S = 10.0
+GCS_ATTEMPTS = 3  # as the S3 client's total_max_attempts
+_GCS_HINTS = {401: "no or expired credentials", 403: "access denied (wrong or missing credentials)",
+              429: "too many requests"}
+
+
+class GcsError(Exception):
+    """A JSON API request that failed: status 0 when no answer came, -1 when no credentials let it
+    be sent."""
+
+    def __init__(self, operation: str, status: int, reason: str, message: str = ""):
+        super().__init__(operation, status, reason, message)
+        self.operation, self.status, self.reason, self.message = operation, status, reason, message
+
+    def text(self) -> str:
+        if self.status == 404 and (self.operation == "insert" or "bucket" in self.message.lower()):
+            hint = "the bucket does not exist (create it first)"
+        else:  # GCS's own messages name the principal and the permission, never a token
+            hint = self.message or _GCS_HINTS.get(self.status, self.reason)
+        answer = f"HTTP {self.status} {self.reason}" if self.status > 0 else self.reason
+        return f"{hint} ({answer} during {self.operation})"
+
+    @property
+    def transient(self) -> bool:
+        return self.status in (0, 408, 429) or self.status >= 500
+
+
+class _Token:
+    """A bearer token from google-auth's default credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud's
+    application-default login, a metadata server), refreshed when it expires."""
+
+    def __init__(self) -> None:
+        try:
+            import google.auth
+            import google.auth.exceptions
+            import google.auth.transport.requests
+        except ImportError:
+            raise StorageError("an output's lease on gs:// needs google-auth for credentials: pip install "
+                               "google-auth (an emulator, storage.endpoint_url or STORAGE_EMULATOR_HOST, "
+                               "needs none)") from None
+        self._auth, self._credentials = google.auth, None
+        self._mutex = threading.Lock()
+
+    def header(self) -> str:
+        with self._mutex:
+            try:
+                if self._credentials is None:
+                    self._credentials, _ = self._auth.default(scopes=[GCS_SCOPE])
+                if not self._credentials.valid:
+                    self._credentials.refresh(self._auth.transport.requests.Request())
+            except self._auth.exceptions.DefaultCredentialsError:
+                raise GcsError("authentication", -1, "DefaultCredentialsError",
+                               "no credentials (set GOOGLE_APPLICATION_CREDENTIALS or run gcloud auth "
+                               "application-default login)") from None
+            except self._auth.exceptions.GoogleAuthError as exc:  # its texts name the token URL, not a key
+                message = (str(exc).splitlines() or [""])[0][:300]
+                raise GcsError("authentication", -1, type(exc).__name__, f"no token: {message}") from None
+            return f"Bearer {self._credentials.token}"
+
+
+class GcsObject:
+    """The lease object on GCS, through the JSON API: writes conditional on the generation."""
+
+    errors: tuple[type[BaseException], ...] = (GcsError,)
+
+    def __init__(self, bucket: str, key: str, storage: StorageConfig | None):
+        storage = storage or StorageConfig()
+        self.bucket, self.key = bucket, key
+        endpoint = storage.endpoint_url or os.environ.get("STORAGE_EMULATOR_HOST")
+        if endpoint:  # an emulator: anonymous, as tasks.storage's GcsFileSystem is
+            self.api, anonymous = (endpoint if "://" in endpoint else f"http://{endpoint}").rstrip("/"), True
+        else:
+            self.api, anonymous = GCS_API, storage.anonymous
+        self._token = None if anonymous else _Token()
+        self._path = f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}/o/{urllib.parse.quote(key, safe='')}"
+
+    @staticmethod
+    def conflict(exc: BaseException) -> bool:
+        """A generation precondition failed (412), or what was to be deleted is gone already."""
+        return isinstance(exc, GcsError) and (exc.status in (409, 412) or
+                                              (exc.status == 404 and exc.operation == "delete"))
+
+    def get(self) -> Got | None:
+        """The current generation's metadata (its ``updated`` and the response's Date), then that
+        generation's body; a generation replaced in between is looked up again."""
+        for _ in range(TAKE_ATTEMPTS):
+            try:
+                meta, headers = self._call("get", "GET", self._path)
+            except GcsError as exc:
+                if exc.status == 404 and "bucket" not in exc.message.lower():
+                    return None
+                raise
+            info = json.loads(meta)
+            try:
+                body, _ = self._call("download", "GET", self._path, {"alt": "media", "generation": info["generation"]})
+            except GcsError as exc:
+                if exc.status == 404:
+                    continue  # replaced or deleted since the metadata was read
+                raise
+            date = headers.get("date")
+            return Got(body, str(info["generation"]), datetime.fromisoformat(info["updated"]),
+                       parsedate_to_datetime(date) if date else None)
+        raise GcsError("get", 409, "conflict", "the lease object kept changing while it was read")
+
+    def put(self, body: bytes, version: str | None) -> str:
+        """Write ``body`` if the object is still at generation ``version`` (None: only if there is none)."""
+        boundary = secrets.token_hex(16)
+        meta = json.dumps({"name": self.key, "contentType": "application/json"})
+        payload = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{meta}\r\n"
+                   f"--{boundary}\r\nContent-Type: application/json\r\n\r\n").encode() + body + \
+            f"\r\n--{boundary}--\r\n".encode()
+        path = f"/upload/storage/v1/b/{urllib.parse.quote(self.bucket, safe='')}/o"
+        query = {"uploadType": "multipart", "ifGenerationMatch": version or "0"}
+        reply, _ = self._call("insert", "POST", path, query, payload,
+                              {"Content-Type": f"multipart/related; boundary={boundary}"})
+        return str(json.loads(reply)["generation"])
+
+    def delete(self, version: str) -> None:
+        self._call("delete", "DELETE", self._path, {"ifGenerationMatch": version})
+
+    def _call(self, operation: str, method: str, path: str, query: dict[str, str] | None = None,
+              body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
+        """One request, retried on no answer, 408, 429 and 5xx (a write repeated after a lost reply
+        fails its precondition, and the caller finds its own token there)."""
+        url = self.api + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        for attempt in range(GCS_ATTEMPTS):
+            try:
+                return self._send(operation, method, url, body, dict(headers or {}))
+            except GcsError as exc:
+                if not exc.transient or attempt == GCS_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _send(self, operation: str, method: str, url: str, body: bytes | None,
+              headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        if self._token is not None:
+            headers["Authorization"] = self._token.header()
+        request = urllib.request.Request(url, data=body, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=GCS_TIMEOUT_S) as reply:
+                return reply.read(), {k.lower(): v for k, v in reply.getheaders()}
+        except urllib.error.HTTPError as exc:
+            raise _http_error(operation, exc) from None
+        except (OSError, http.client.HTTPException) as exc:  # URLError, refused, timed out, cut off
+            raise GcsError(operation, 0, type(exc).__name__, str(getattr(exc, "reason", exc))) from None
+
+
+def _http_error(operation: str, exc: urllib.error.HTTPError) -> GcsError:
+    """The JSON API's error body ({"error": {"message", "errors": [{"reason"}]}}) as a GcsError."""
+    try:
+        error = json.loads(exc.read() or b"{}").get("error") or {}
+    except (ValueError, AttributeError, OSError):
+        error = {}
+    if not isinstance(error, dict):
+        error = {"message": str(error)}
+    reasons = [e.get("reason") for e in error.get("errors") or [] if isinstance(e, dict)]
+    return GcsError(operation, exc.code, reasons[0] if reasons and reasons[0] else exc.reason or "",
+                    str(error.get("message") or ""))
+
+
+_OBJECTS = {"s3": S3Object, "gs": GcsObject}
+
+
+@dataclass(frozen=True)
 class Seen:
-    """The lease object as read: its body, ETag and age by the server's clock."""
+    """The lease object as read: its body, version (ETag, generation) and age by the server's clock."""
 
     holder: dict[str, Any]
     etag: str
@@ -131,7 +356,7 @@ class Seen:
 
 
 class Lease:
-    """One run's hold on an output on S3 (see the module docstring). ``acquire`` takes it or raises
+    """One run's hold on an output on S3 or GCS (see the module docstring). ``acquire`` takes it or raises
     ``OutputLocked``; ``release`` gives it back; ``lost`` turns true (and ``on_lost(reason)`` is
     called from the renewal thread) once another run wrote or deleted it, or it went unrenewed for
     a ttl."""
@@ -139,20 +364,19 @@ class Lease:
     def __init__(self, location: str, command: str, storage: StorageConfig | None = None, *,
                  ttl_s: float = LEASE_TTL_S, on_lost: Callable[[str], None] | None = None):
         parts = urllib.parse.urlsplit(str(location))
-        if parts.scheme != "s3":
-            raise StorageError(f"{location}: an output's lease needs s3:// (on gs:// its conditional writes use "
-                               "generation numbers, which this does not speak); use an s3:// or local --out")
+        if parts.scheme not in _OBJECTS:
+            raise StorageError(f"{location}: an output's lease needs s3:// or gs://")
         if not parts.netloc:
             raise StorageError(f"{location}: no bucket named")
         prefix = parts.path.strip("/")
-        self.url = f"s3://{parts.netloc}/{prefix}".rstrip("/")
+        self.url = f"{parts.scheme}://{parts.netloc}/{prefix}".rstrip("/")
         self.bucket, self.key = parts.netloc, f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME
-        self.lock_url = f"s3://{self.bucket}/{self.key}"
+        self.lock_url = f"{parts.scheme}://{self.bucket}/{self.key}"
         self.ttl_s, self.on_lost = float(ttl_s), on_lost
         self.info = holder_info(command) | {"token": secrets.token_hex(16)}  # the token tells our writes apart
         self.previous: dict[str, Any] | None = None  # the dead holder's body, when acquire took a stale lease
         self.lost_reason: str | None = None
-        self._client = client(storage)
+        self._object = _OBJECTS[parts.scheme](self.bucket, self.key, storage)
         self._etag: str | None = None  # of our last write; None when not held
         self._renewed = 0.0  # monotonic time our last successful write was sent
         self._mutex = threading.Lock()  # one write at a time: renewal thread, note, release
@@ -182,7 +406,7 @@ class Lease:
             return self  # held already: one renewal thread per lease
         try:
             self._take()
-        except (ClientError, BotoCoreError) as exc:
+        except self._object.errors as exc:
             raise StorageError(f"cannot take the lease {self.lock_url}: {why(exc)}") from None
         self._stop.clear()
         self._thread = threading.Thread(target=self._keep, name=f"lease {self.lock_url}", daemon=True)
@@ -197,18 +421,14 @@ class Lease:
             if seen is not None and seen.holder.get("token") == self.info["token"]:
                 self._etag = seen.etag  # our write went through but its reply was lost (a retry then failed)
                 break
-            if seen is None:
-                condition = {"IfNoneMatch": "*"}
-            elif seen.expires_in(self.ttl_s) <= 0:
-                condition = {"IfMatch": seen.etag}
-            else:
+            if seen is not None and seen.expires_in(self.ttl_s) > 0:
                 raise OutputLocked(self._busy(seen))
             sent, taken = time.monotonic(), seen
             try:
-                self._etag = self._put(**condition)
+                self._etag = self._put(seen.etag if seen else None)
                 break
-            except ClientError as exc:
-                if not _conflict(exc):
+            except self._object.errors as exc:
+                if not self._object.conflict(exc):
                     raise
                 # another run created or took it first: look again
         else:
@@ -227,26 +447,22 @@ class Lease:
 
     def read(self) -> Seen | None:
         """The lease object now, or None if there is none."""
-        try:
-            got = self._client.get_object(Bucket=self.bucket, Key=self.key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "NoSuchKey":
-                return None
-            raise
-        raw = got["Body"].read()
+        got = self._object.get()
+        if got is None:
+            return None
+        raw = got.body
         try:
             holder = json.loads(raw) if raw.strip() else {}
         except ValueError:
             holder = {}
-        date = got["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
-        now = parsedate_to_datetime(date) if date else datetime.now(UTC)  # a server without Date: our clock
-        age_s = (now - got["LastModified"]).total_seconds()
-        return Seen(holder if isinstance(holder, dict) else {}, got["ETag"], age_s)
+        now = got.date or datetime.now(UTC)  # a server without Date: our clock
+        age_s = (now - got.modified).total_seconds()
+        return Seen(holder if isinstance(holder, dict) else {}, got.version, age_s)
 
-    def _put(self, **condition: str) -> str:
+    def _put(self, version: str | None) -> str:
+        """Write our body if the object is still at ``version`` (None: only if there is none)."""
         body = json.dumps(self.info | {"renewed": now_text(), "ttl_s": self.ttl_s}, indent=1).encode()
-        return self._client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
-                                       ContentType="application/json", **condition)["ETag"]
+        return self._object.put(body, version)
 
     # -- holding -------------------------------------------------------------------------------
 
@@ -261,13 +477,11 @@ class Lease:
                 return
             sent = time.monotonic()
             try:
-                self._etag = self._put(IfMatch=self._etag)
+                self._etag = self._put(self._etag)
                 self._renewed = sent
                 return
-            except ClientError as exc:
-                failure: BaseException | None = None if _conflict(exc) else exc
-            except BotoCoreError as exc:
-                failure = exc
+            except self._object.errors as exc:
+                failure: BaseException | None = None if self._object.conflict(exc) else exc
             if failure is None:
                 self._changed()
             elif time.monotonic() - self._renewed > self.ttl_s:
@@ -280,7 +494,7 @@ class Lease:
         was lost, then retried)."""
         try:
             seen = self.read()
-        except (ClientError, BotoCoreError) as exc:
+        except self._object.errors as exc:
             log.warning("could not read the lease %s, will retry: %s", self.lock_url, why(exc))
             return
         if seen is not None and seen.holder.get("token") == self.info["token"]:
@@ -316,17 +530,17 @@ class Lease:
                 return  # not held, or someone else's now: never delete it
             try:
                 self._delete(etag)
-            except (ClientError, BotoCoreError) as exc:
+            except self._object.errors as exc:
                 log.warning("could not delete the lease %s (%s); it expires %g s after its last renewal",
                             self.lock_url, why(exc), self.ttl_s)
 
     def _delete(self, etag: str) -> None:
         for _ in range(2):
             try:
-                self._client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
+                self._object.delete(etag)
                 return
-            except ClientError as exc:
-                if not _conflict(exc):
+            except self._object.errors as exc:
+                if not self._object.conflict(exc):
                     raise
             seen = self.read()
             if seen is None:
