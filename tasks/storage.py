@@ -20,6 +20,7 @@ the run's stamp can carry them.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import urllib.parse
@@ -314,7 +315,7 @@ def _s3(endpoint: str | None, region: str | None, key: str | None, secret: str |
 
 @functools.lru_cache(maxsize=4)
 def _gcs(endpoint: str | None) -> pafs.FileSystem:
-    kwargs: dict[str, Any] = {"retry_time_limit": 120}
+    kwargs: dict[str, Any] = {"retry_time_limit": datetime.timedelta(seconds=120)}
     if endpoint:
         url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
         kwargs |= {"endpoint_override": url.netloc, "scheme": url.scheme, "anonymous": True}
@@ -331,8 +332,10 @@ def duckdb_setup(store: Store, storage: StorageConfig | None = None) -> list[str
     """DuckDB statements that let it read ``store``'s files by URL (httpfs with the same endpoint,
     region and keys); none for a local store. Keys go into a temporary secret of the connection,
     never into a file."""
-    if not isinstance(store, ObjectStore) or not store.url_root.startswith("s3://"):
+    if not isinstance(store, ObjectStore):
         return []
+    if store.url_root.startswith("gs://"):
+        return [load_httpfs(), _gcs_secret(storage or store.storage or StorageConfig())]
     settings = s3_settings(storage or store.storage)
     endpoint, region = settings.endpoint, settings.region or "us-east-1"
     key = settings.key or os.environ.get("AWS_ACCESS_KEY_ID")
@@ -344,11 +347,27 @@ def duckdb_setup(store: Store, storage: StorageConfig | None = None) -> list[str
             fields.append(("SESSION_TOKEN", token))
     else:
         fields.append(("PROVIDER", "credential_chain"))
+    return [load_httpfs(), _secret(fields, endpoint, "https")]
+
+
+def _secret(fields: list[tuple[str, str]], endpoint: str | None, default_scheme: str) -> str:
+    """A connection's temporary DuckDB secret; a custom endpoint is addressed path-style."""
     if endpoint:
-        url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-        fields += [("ENDPOINT", url.netloc), ("URL_STYLE", "path"), ("USE_SSL", str(url.scheme == "https").lower())]
+        url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"{default_scheme}://{endpoint}")
+        fields = [*fields, ("ENDPOINT", url.netloc), ("URL_STYLE", "path"),
+                  ("USE_SSL", str(url.scheme == "https").lower())]
     body = ", ".join(f"{k} {_sql_value(v)}" for k, v in fields)
-    return [load_httpfs(), f"CREATE OR REPLACE TEMPORARY SECRET t2i_store ({body})"]
+    return f"CREATE OR REPLACE TEMPORARY SECRET t2i_store ({body})"
+
+
+def _gcs_secret(storage: StorageConfig) -> str:
+    """httpfs reads gs:// through GCS's S3-compatible XML API: HMAC keys (storage.access_key_id /
+    secret_access_key) on GCS; an emulator (storage.endpoint_url, STORAGE_EMULATOR_HOST) needs none."""
+    fields = [("TYPE", "gcs")]
+    if storage.access_key_id and storage.secret_access_key:
+        fields += [("KEY_ID", storage.access_key_id.get_secret_value()),
+                   ("SECRET", storage.secret_access_key.get_secret_value())]
+    return _secret(fields, storage.endpoint_url or os.environ.get("STORAGE_EMULATOR_HOST"), "http")
 
 
 def _sql_value(value: str) -> str:

@@ -229,7 +229,7 @@ def test_wrong_secret_missing_bucket_and_gcs_are_storage_errors_before_anything_
     assert b"<Key>" not in s3.request("GET", "", query={"list-type": "2"}).body  # the bucket is still empty
     with pytest.raises(StorageError, match="the bucket does not exist"):
         Lease(f"s3://{s3.bucket}-missing/out", "run", storage(s3)).acquire()
-    with pytest.raises(StorageError, match="needs s3://"):
-        Lease("gs://bucket/out", "run")
+    with pytest.raises(StorageError, match="needs s3:// or gs://"):
+        Lease("ftp://bucket/out", "run")
     with pytest.raises(StorageError, match="gs://"), output_lock("gs://bucket/out", "run"):
         pass
