@@ -338,6 +338,21 @@ def _http_error(operation: str, exc: urllib.error.HTTPError) -> GcsError:
 _OBJECTS = {"s3": S3Object, "gs": GcsObject}
 
 
+def create_once(url: str, body: bytes, storage: StorageConfig | None = None) -> bool:
+    """Write the object at ``url`` only if there is none (If-None-Match: * on S3, generation 0 on
+    GCS); False if one exists. A reply lost and the write retried also reads False: callers
+    compare what stands with what they wrote."""
+    parts = urllib.parse.urlsplit(url)
+    target = _OBJECTS[parts.scheme](parts.netloc, parts.path.lstrip("/"), storage)
+    try:
+        target.put(body, None)
+    except target.errors as exc:
+        if target.conflict(exc):
+            return False
+        raise StorageError(f"cannot write {url}: {why(exc) if isinstance(exc, ClientError) else exc}") from None
+    return True
+
+
 @dataclass(frozen=True)
 class Seen:
     """The lease object as read: its body, version (ETag, generation) and age by the server's clock."""

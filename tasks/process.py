@@ -6,16 +6,15 @@ small counts out; the rows never leave the worker.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from schemas.config import CurateConfig
 from tasks.actors import Pools
 from tasks.chain import Chain
-from tasks.shards import ATTEMPTS, TMP, Manifest, PartWriter, clear_partial
+from tasks.shards import TMP, Attempt, Manifest, PartWriter, clear_partial
 from tasks.sources import SourceShard, fingerprint, read_shard
 from tasks.storage import Store, as_store
 
@@ -38,6 +37,11 @@ class ShardResult:
     reasons: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     fingerprint: dict = field(default_factory=dict)  # tasks.sources.fingerprint, when read
+
+    @classmethod
+    def from_entry(cls, entry: dict) -> ShardResult:
+        """The result a manifest entry records (fields added since default)."""
+        return cls(**{f.name: entry[f.name] for f in fields(cls) if f.name in entry})
 
     @property
     def rows(self) -> int:
@@ -62,7 +66,7 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Store | str | Path
     store = as_store(out, cfg.storage)
     chain = Chain(cfg, pools, skip)
     clear_partial(store, shard.shard_id)
-    attempt = secrets.token_hex(4)
+    attempt = Attempt(store, shard.shard_id)
     writers = {
         kind: PartWriter(store, kind, shard.shard_id, schema, cfg.output.max_rows_per_shard,
                          cfg.output.max_bytes_per_shard, cfg.output.row_group_rows, attempt=attempt)
@@ -94,9 +98,9 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Store | str | Path
     result.rejected = writers["rejects"].count
     result.reasons = dict(reasons)
     result.seconds = round(time.perf_counter() - started, 3)
-    Manifest(store).record(shard.shard_id, result.to_dict())  # the commit
     if store.renames:
+        Manifest(store).record(shard.shard_id, result.to_dict())  # the commit
         store.delete_tree(f"{TMP}/{shard.shard_id}")
-    else:  # committed: its parts are no longer leftovers to sweep
-        store.delete(f"{ATTEMPTS}/{shard.shard_id}/{attempt}.json")
-    return result
+        return result
+    standing = attempt.commit(result.to_dict())  # the commit, unless another attempt's came first
+    return result if standing["files"] == result.files else ShardResult.from_entry(standing)

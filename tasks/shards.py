@@ -83,25 +83,62 @@ class Manifest:
 
 
 def committed_files(out: Store | str | Path, kind: str) -> list[str]:
-    """The URLs of ``kind``'s committed parts. Where no attempt is open (always, locally: parts
-    arrive by rename), that is what a listing shows; otherwise the manifest's files."""
+    """The URLs of ``kind``'s committed parts: locally what the folder holds (parts arrive by
+    rename); on an object store what the manifest lists, as a listing there can also show parts
+    of attempts that never committed (one on a lost node that went on writing, say)."""
     store = as_store(out)
-    if store.renames or not store.list(ATTEMPTS, ".json", recursive=True):
+    if store.renames:
         return [store.url(e.rel) for e in store.list(kind, ".parquet")]
     listed = {f for entry in Manifest(store).entries() for f in entry.get("files", []) if f.startswith(f"{kind}/")}
     return [store.url(rel) for rel in sorted(listed)]
 
 
 def committed_glob(out: Store | str | Path, kind: str) -> str | list[str] | None:
-    """What DuckDB's ``read_parquet`` should read for ``kind``: the folder's glob where it shows
-    only committed parts, else the list of them; None if there is none."""
+    """What DuckDB's ``read_parquet`` should read for ``kind``: the folder's glob locally, the
+    list of committed parts on an object store; None if there is none."""
     store = as_store(out)
     files = committed_files(store, kind)
     if not files:
         return None
-    if store.renames or not store.list(ATTEMPTS, ".json", recursive=True):
-        return store.url(f"{kind}/*.parquet")
-    return files
+    return store.url(f"{kind}/*.parquet") if store.renames else files
+
+
+class Attempt:
+    """One attempt at a shard on an object store: the names of the parts it has begun, kept in
+    ``_attempts/{shard_id}/{attempt}.json`` (written whole each time, so a record another attempt
+    deleted comes back complete), so whoever finds it can delete them."""
+
+    def __init__(self, store: Store, shard_id: str, token: str | None = None):
+        self.store, self.shard_id = store, shard_id
+        self.token = token or secrets.token_hex(4)
+        self.files: list[str] = []
+
+    @property
+    def record(self) -> str:
+        return f"{ATTEMPTS}/{self.shard_id}/{self.token}.json"
+
+    def note(self, rel: str) -> None:
+        """Before the part exists: a kill leaves it findable."""
+        self.files.append(rel)
+        self.store.write_bytes(self.record, json.dumps({"files": self.files}).encode())
+
+    def discard(self) -> None:
+        for rel in self.files:
+            self.store.delete(rel)
+        self.store.delete(self.record)
+
+    def commit(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Write the shard's manifest entry unless another attempt committed first (an attempt on
+        a lost node that went on writing, and its retry); returns the entry that stands. The
+        attempt that lost deletes its parts, so the shard's rows are there once."""
+        rel = f"{MANIFEST}/{self.shard_id}.json"
+        if not self.store.create(rel, json.dumps(entry, indent=1).encode()):
+            standing = Manifest(self.store).entry(self.shard_id)
+            if sorted(standing.get("files", [])) != sorted(entry["files"]):
+                self.discard()
+                return standing
+        self.store.delete(self.record)  # committed: its parts are no longer leftovers to sweep
+        return entry
 
 
 def clear_partial(out: Store | str | Path, shard_id: str) -> None:
@@ -137,7 +174,9 @@ def drop_committed(out: Store | str | Path, shard_id: str) -> None:
 
 def sweep_uncommitted(out: Store | str | Path) -> int:
     """Remove every attempt's leftovers (a run's start and end, under the output's lock, when
-    no shard of this run is being written); returns how many attempts were swept."""
+    no shard of this run is being written): the parts attempt records name, then any part no
+    manifest entry lists (an attempt whose record was lost), so that afterwards a glob of
+    ``shards/*.parquet`` shows exactly the committed parts. Returns how many files went."""
     store = as_store(out)
     if store.renames:
         store.delete_tree(TMP)
@@ -145,7 +184,11 @@ def sweep_uncommitted(out: Store | str | Path) -> int:
     shards = {e.rel.split("/")[1] for e in store.list(ATTEMPTS, ".json", recursive=True)}
     for shard_id in sorted(shards):
         clear_partial(store, shard_id)
-    return len(shards)
+    listed = {f for entry in Manifest(store).entries() for f in entry.get("files", [])}
+    orphans = [e.rel for kind in KINDS for e in store.list(kind, ".parquet") if e.rel not in listed]
+    for rel in orphans:
+        store.delete(rel)
+    return len(orphans) + len(shards)
 
 
 class PartWriter:
@@ -157,11 +200,11 @@ class PartWriter:
     locally; nothing to do on an object store, where they were written in place)."""
 
     def __init__(self, out: Store | str | Path, kind: str, shard_id: str, schema: pa.Schema, max_rows: int,
-                 max_bytes: int, row_group_rows: int = ROW_GROUP_ROWS, attempt: str | None = None):
+                 max_bytes: int, row_group_rows: int = ROW_GROUP_ROWS, attempt: Attempt | None = None):
         self.store = as_store(out)
         self.kind, self.shard_id, self.schema = kind, shard_id, schema
         self.max_rows, self.max_bytes, self.row_group_rows = max_rows, max_bytes, row_group_rows
-        self.attempt = attempt or secrets.token_hex(4)
+        self.attempt = attempt or Attempt(self.store, shard_id)  # shared by a shard's two writers
         self.pending: list[pa.RecordBatch] = []  # rows not yet in a row group
         self.pending_rows = 0
         self.part_rows = 0  # rows in the open part, written or pending
@@ -193,7 +236,7 @@ class PartWriter:
         if self.writer is None:
             rel = self._staged(len(self.parts))
             if not self.store.renames:
-                self._note_attempt(len(self.parts))  # before the part exists: a kill leaves it findable
+                self.attempt.note(rel)
             self.sink = self.store.open_writer(rel)
             self.writer = pq.ParquetWriter(self.sink, self.schema, compression="zstd")
         self.writer.write_table(pa.Table.from_batches(self.pending, schema=self.schema),
@@ -203,18 +246,13 @@ class PartWriter:
     def _name(self, index: int) -> str:
         if self.store.renames:
             return f"{self.shard_id}.part{index:05d}.parquet"
-        return f"{self.shard_id}.{self.attempt}.part{index:05d}.parquet"
+        return f"{self.shard_id}.{self.attempt.token}.part{index:05d}.parquet"
 
     def _final(self, index: int) -> str:
         return f"{self.kind}/{self._name(index)}"
 
     def _staged(self, index: int) -> str:
         return f"{TMP}/{self.shard_id}/{self.kind}-{self._name(index)}" if self.store.renames else self._final(index)
-
-    def _note_attempt(self, index: int) -> None:
-        rel = f"{ATTEMPTS}/{self.shard_id}/{self.attempt}.json"
-        files = json.loads(self.store.read_bytes(rel)).get("files", []) if self.store.exists(rel) else []
-        self.store.write_bytes(rel, json.dumps({"files": [*files, self._final(index)]}).encode())
 
     def flush(self) -> None:
         """Close the open part (durable: fsynced locally, the upload completed on an object

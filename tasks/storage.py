@@ -225,6 +225,12 @@ class ObjectStore(Store):
         store.storage = self.storage
         return store
 
+    def create(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` only if it does not exist (a conditional PUT): False if it does."""
+        from tasks.lease import create_once  # boto3 and the GCS JSON API, only where needed
+
+        return create_once(self.url(rel), data, self.storage)
+
     def check(self) -> None:
         bucket = self.root.split("/", 1)[0]
         try:

@@ -1,11 +1,11 @@
-"""A real two-node Ray cluster on this machine, reading from and writing to a real S3 server (the
-only thing the nodes share, as on a real cluster): shard tasks run on both nodes, and losing the
-second node (its raylet killed) mid-run loses and duplicates nothing; a model actor that lived
-there comes back on the head. The head alone must still fit the pool and one shard task: a
-cluster that loses the room for shard tasks waits for it (Ray queues the tasks)."""
+"""A real Ray cluster on this machine, reading from and writing to a real S3 server (the only
+thing the nodes share, as on a real cluster): a head with no CPUs (as KubeRay sets it up) and two
+worker nodes. Shard tasks run on both nodes; the node holding the model actor is lost (its raylet
+killed) mid-run: the actor comes back on the node left, and nothing is lost or duplicated."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 import pytest
 from conftest import photo_samples, write_webdataset
 from ray_cluster import RayCluster
-from test_s3_curate import store_of, upload
+from test_s3_curate import objects, store_of, upload
 
 from tasks.shards import Manifest
 
@@ -28,7 +29,7 @@ pytest_plugins = ["s3_server"]
 
 CONFIG = """signals: {resolution: {}, caption: {}, sharpness: {}, phash: {}, faces: {batch_size: 4}}
 rules: {sharpness: {min: 300}, face_count: {max: 1}}
-run: {workers: 3, task_retries: 2}
+run: {workers: 4, task_retries: 2}
 """
 
 
@@ -47,17 +48,24 @@ def two_nodes(s3: S3Bucket):
     nodes get them from their instance role or a secret."""
     cluster = RayCluster(env={**os.environ, **s3.env, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
     try:
-        cluster.start_head(cpus=2)
-        second = cluster.add_node(cpus=3)
-        yield cluster, second
+        cluster.start_head(cpus=0)
+        yield cluster, [cluster.add_node(cpus=3), cluster.add_node(cpus=3)]
     finally:
         cluster.stop()
+
+
+def actor_on(cluster: RayCluster, node) -> bool:
+    """Whether a model actor's worker process runs under this node's raylet (Ray titles it
+    ``ray::SignalActor...``)."""
+    with contextlib.suppress(psutil.Error, StopIteration):
+        return any("SignalActor" in " ".join(p.cmdline()) for p in cluster.raylet(node).children(recursive=True))
+    return False
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_shards_run_on_both_nodes_and_losing_one_loses_nothing(tmp_path: Path, s3: S3Bucket, two_nodes) -> None:
-    cluster, second = two_nodes
+    cluster, workers = two_nodes
     for t in range(16):
         write_webdataset(tmp_path / "src" / f"{t:05d}.tar", photo_samples(f"{t:03d}"))
     source = upload(tmp_path / "src", s3, "laion")
@@ -75,14 +83,26 @@ def test_shards_run_on_both_nodes_and_losing_one_loses_nothing(tmp_path: Path, s
         assert time.monotonic() < deadline, "shards never ran on both nodes"
         time.sleep(0.1)
     nodes = {e["node"] for e in manifest.entries()}
+    holding = [n for n in workers if actor_on(cluster, n)]
+    assert len(holding) == 1, "the one model actor must be on exactly one worker node"
+    victim = holding[0]
+    survivor = next(n for n in workers if n is not victim)
     done_before = len(manifest.done_ids())
-    cluster.raylet(second).kill()  # the node is lost mid-run, with its shard tasks and actors
+    cluster.raylet(victim).kill()  # the node is lost mid-run, with its shard tasks and the actor
     lost_at = time.time()
+    replaced = False
+    while run.poll() is None and not replaced:
+        replaced = actor_on(cluster, survivor)
+        time.sleep(0.1)
     stdout, stderr = run.communicate(timeout=600)
     assert run.returncode == 0, stderr
     assert len(nodes) == 2 and done_before < 16, "the node must be lost mid-run"
+    assert replaced, "the model actor did not come back on the node left"
     summary = json.loads(stdout)
     assert summary["failed"] == {} and summary["shards_done"] == 16
-    assert outcome(s3.uri("out"), s3) == outcome(str(tmp_path / "ref"))
+    got, want = outcome(s3.uri("out"), s3), outcome(str(tmp_path / "ref"))
+    for side, (g, w) in zip(("kept", "rejected"), zip(got, want, strict=True), strict=True):
+        assert g == w, (f"{side}: extra {sorted(set(g) - set(w))[:5]}, missing {sorted(set(w) - set(g))[:5]}, "
+                        f"{len(g)} vs {len(w)} rows; files {sorted(k for k in objects(s3, 'out'))}")
     after = {e["node"] for e in manifest.entries() if e["started_at"] > lost_at + 1}
     assert len(after) == 1 and after <= nodes  # started after the loss: all on the node that is left

@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import pytest
 from test_train_data import config, epoch, row, write_shard
 
-from tasks.shards import Manifest, PartWriter, committed_glob
+from tasks.shards import Attempt, Manifest, PartWriter, committed_glob
 from tasks.stats import compute_stats
 from tasks.storage import duckdb_setup, open_store
 from trainer.captions import CaptionConfig
@@ -67,7 +67,8 @@ def leave_uncommitted_part(out_url: str, shard_id: str = "00001-0123abcd") -> st
     attempt-unique name and the attempt record naming it, no manifest entry. Returns the part's URL."""
     store = open_store(out_url)
     table = pa.Table.from_pylist([row(900 + i, aesthetic=1e6) for i in range(5)])
-    writer = PartWriter(store, "shards", shard_id, table.schema, max_rows=100, max_bytes=1 << 30, attempt="dead0000")
+    writer = PartWriter(store, "shards", shard_id, table.schema, max_rows=100, max_bytes=1 << 30,
+                        attempt=Attempt(store, shard_id, "dead0000"))
     for batch in table.to_batches():
         writer.add(batch)
     writer.flush()
@@ -87,7 +88,7 @@ def test_stats_on_s3_equal_local_and_skip_uncommitted_parts(local_output, s3_env
     assert remote["out"] == url and without_out(remote) == without_out(local)
 
     leftover = leave_uncommitted_part(url)
-    assert leftover not in committed_glob(url, "shards")  # now the list of committed parts, not the glob
+    assert leftover not in committed_glob(url, "shards")  # on an object store: the list of committed parts
     con = duckdb.connect()
     for statement in duckdb_setup(open_store(url)):
         con.execute(statement)

@@ -210,3 +210,33 @@ def test_a_run_whose_lease_is_taken_stops_and_a_rerun_completes_it(tmp_path: Pat
     resumed = cli(*args, env=s3.env)
     assert resumed.returncode == 0, resumed.stderr
     assert outcome(s3.uri("curated"), s3) == outcome(str(tmp_path / "ref"))
+
+
+def test_two_attempts_at_one_shard_commit_once_and_the_loser_leaves_nothing(s3: S3Bucket):
+    """An attempt on a lost node that went on writing, and its retry elsewhere, both finish: the
+    first commit stands, the second deletes its parts; a sweep then leaves only committed parts."""
+    import pyarrow as pa
+
+    from tasks.shards import Attempt, PartWriter, committed_files, sweep_uncommitted
+
+    store = store_of(s3, "out")
+    schema = pa.schema([("key", pa.string())])
+
+    def attempt_writing(keys: list[str]) -> tuple[Attempt, dict]:
+        attempt = Attempt(store, "s1")
+        writer = PartWriter(store, "shards", "s1", schema, 2, 1 << 20, 2, attempt=attempt)
+        writer.add(pa.record_batch([pa.array(keys)], schema=schema))
+        writer.flush()
+        return attempt, {"shard_id": "s1", "kept": len(keys), "files": writer.publish()}
+
+    first, first_entry = attempt_writing(["a", "b", "c"])
+    second, second_entry = attempt_writing(["a", "b", "c"])
+    assert first.commit(first_entry) == first_entry
+    assert second.commit(second_entry) == first_entry  # the loser learns what stands
+    assert committed_files(store, "shards") == [store.url(f) for f in first_entry["files"]]
+    assert {e.rel for e in store.list("shards")} == set(first_entry["files"])
+    assert store.list("_attempts", recursive=True) == []
+    again, _ = attempt_writing(["x"])  # killed before its commit, record lost: an orphan part
+    store.delete(again.record)
+    assert sweep_uncommitted(store) == 1
+    assert {e.rel for e in store.list("shards")} == set(first_entry["files"])
