@@ -8,8 +8,14 @@ side (``det_side``, 320 px: ~0.15 MP, 90-150 ms whatever the photo's size). Reco
 320 px is too coarse to read small print.
 
 The detector alone is not trusted: on a photo of two cats it paints one box over the whole
-image. A box that is recognised must read as text (``min_text_score``) to count; with
-``recognize: false`` only boxes over ``verify_box_area`` of the image are read, to check them.
+image, on a coffee cup one box read as "8" at low confidence. So one floor, ``min_confidence``,
+decides which boxes count, and every column derives from those same boxes: a box is in
+``ocr_area_ratio`` and ``ocr_boxes`` exactly when its line is in ``ocr_text``, ``ocr_confidence`` and
+``caption_ocr``, so a photo is never rejected on area for text its caption does not report. A box
+the floor drops, or that is not read (beyond ``max_lines``, or a line too long to read),
+contributes nothing. With ``recognize: false`` there is
+no text to agree with: boxes over ``verify_box_area`` of the image are read, to check them against
+the same floor, and the smaller ones count unread.
 
 ``ocr_area_ratio`` is the *union* of the kept boxes over the image area (rasterised, so overlaps
 count once; DB's boxes are expanded quadrilaterals, a little larger than the glyphs).
@@ -35,7 +41,7 @@ from typing import Any, ClassVar, Literal
 import cv2
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tasks.signals.arrays import fit_long_side, fit_short_side
 from tasks.signals.base import ModelParams, ModelSignal, Ranges, Sample
@@ -59,13 +65,24 @@ class OcrParams(ModelParams):
     min_box_score: float = Field(0.5, ge=0, le=1, description="mean text probability inside a box to keep it")
     recognize: bool = Field(True, description="read the text (ocr_text, caption_ocr); False: boxes and area only")
     rec_side: int = Field(640, ge=32, le=4096, description="short side of the view text lines are cut from")
-    min_text_score: float = Field(0.5, ge=0, le=1, description="recognition confidence for a box to count as text")
-    caption_min_score: float = Field(0.8, ge=0, le=1, description="recognition confidence for a line in caption_ocr")
-    max_lines: int = Field(32, ge=1, description="recognise at most this many boxes, the largest")
+    min_confidence: float = Field(
+        0.8, ge=0, le=1, description="recognition confidence for a box to count: in the area, the text and caption_ocr"
+    )
+    max_lines: int = Field(32, ge=1, description="read at most this many boxes, the largest; the rest do not count")
     verify_box_area: float = Field(
         0.05, ge=0, le=1, description="recognize=False: boxes above this share of the image are still read, to check"
     )
     threads: int = Field(1, ge=1, le=64, description="onnxruntime threads per actor (1 measured fastest per core)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_floor(cls, data: Any) -> Any:
+        """The two floors this replaced are refused by name, so an old config says what to set
+        instead rather than only that the key is unknown."""
+        old = sorted({"min_text_score", "caption_min_score"} & set(data)) if isinstance(data, dict) else []
+        if old:
+            raise ValueError(f"{', '.join(old)}: replaced by min_confidence, the one floor every OCR column uses")
+        return data
 
 
 def _rapidocr_dir() -> Path | None:
@@ -83,6 +100,17 @@ def union_area_ratio(boxes: list[np.ndarray], height: int, width: int) -> float:
     for box in boxes:  # one call per box: a single fillPoly would fill the overlaps even-odd, i.e. not at all
         cv2.fillPoly(mask, [np.round(box).astype(np.int32).reshape(-1, 1, 2)], 1)
     return min(float(mask.mean()), 1.0)
+
+
+Line = tuple[str, float]  # what the recogniser read in a box, and its confidence
+
+
+def confident(boxes: list[np.ndarray], lines: list[Line], floor: float) -> tuple[list[np.ndarray], list[Line]]:
+    """The boxes that count and their lines, still paired: those read as text at or above
+    ``floor``. Every column derives from what this keeps, so the area never counts a box the text
+    and caption leave out."""
+    kept = [i for i, (text, score) in enumerate(lines) if text and score >= floor]
+    return [boxes[i] for i in kept], [lines[i] for i in kept]
 
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
@@ -206,7 +234,7 @@ class Ocr(ModelSignal):
             return sorted(sorted(range(len(boxes)), key=lambda i: -areas[i])[: p.max_lines])
         return [i for i, a in enumerate(areas) if a >= p.verify_box_area * area]
 
-    def _recognise(self, rgb: np.ndarray, view: np.ndarray, boxes: list[np.ndarray]) -> list[tuple[str, float]]:
+    def _recognise(self, rgb: np.ndarray, view: np.ndarray, boxes: list[np.ndarray]) -> list[Line]:
         from rapidocr.ch_ppocr_rec import TextRecInput
         from rapidocr.utils.process_img import get_rotate_crop_image
 
@@ -216,30 +244,32 @@ class Ocr(ModelSignal):
         bgr = rgb[:, :, ::-1]  # crops come from the larger view: 320 px is too coarse to read
         crops = [get_rotate_crop_image(bgr, (b * scale).astype(np.float32)) for b in boxes]
         lines = [i for i, c in enumerate(crops) if max(c.shape[:2]) <= MAX_LINE_RATIO * max(1, min(c.shape[:2]))]
-        read: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+        read: list[Line] = [("", 0.0)] * len(crops)
         if lines:
             out = self._rec(TextRecInput(img=[crops[i] for i in lines]))
             for i, t, s in zip(lines, out.txts, out.scores, strict=True):
                 read[i] = (str(t).strip(), float(s))
         return read
 
-    def _read(self, rgb: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[tuple[str, float]]]:
-        """Text boxes kept (those recognised must read as text) and the lines read, in reading order."""
+    def _read(self, rgb: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[Line]]:
+        """The detection view, the boxes that count and, when reading, their lines (one per box,
+        in reading order). Only ``confident`` decides what counts, for both backends."""
+        floor = self.params.min_confidence
         if self.params.backend == "paddleocr":
             view = rgb  # PaddleOCR resizes for detection itself (det_max_side) and reads from this view
             res = next(iter(self._paddle.predict(np.ascontiguousarray(view[:, :, ::-1]))))
             lines = [(str(t).strip(), float(s)) for t, s in zip(res["rec_texts"], res["rec_scores"], strict=True)]
             boxes = [np.asarray(b, np.float32) for b in res["rec_polys"]]
-            keep = [i for i, line in enumerate(lines) if self._is_text(line)]
-            return view, [boxes[i] for i in keep], [lines[i] for i in keep]
+            return view, *confident(boxes, lines, floor)
         view, boxes = self._detect(rgb)
         chosen = self._to_read(boxes, view.shape[0] * view.shape[1])
-        read = dict(zip(chosen, self._recognise(rgb, view, [boxes[i] for i in chosen]), strict=True))
-        kept = [i for i in range(len(boxes)) if i not in read or self._is_text(read[i])]
-        return view, [boxes[i] for i in kept], [read[i] for i in kept if i in read]
-
-    def _is_text(self, line: tuple[str, float]) -> bool:
-        return bool(line[0]) and line[1] >= self.params.min_text_score
+        read = [boxes[i] for i in chosen]
+        kept, lines = confident(read, self._recognise(rgb, view, read), floor)
+        if self.params.recognize:
+            return view, kept, lines
+        checked = set(chosen)
+        unread = [b for i, b in enumerate(boxes) if i not in checked]  # small boxes, not worth checking
+        return view, unread + kept, []
 
     def infer(self, inputs: list[tuple[np.ndarray, str | None]]) -> list[dict[str, Any]]:
         out = []
@@ -252,12 +282,11 @@ class Ocr(ModelSignal):
                 "ocr_confidence": None,
                 "caption_ocr": caption,
             }
-            if self.params.recognize:
+            if self.params.recognize:  # the same lines as the boxes above: no second floor here
                 text = " ".join(t for t, _ in lines)
                 row["ocr_text"] = text
                 row["ocr_confidence"] = sum(s for _, s in lines) / len(lines) if lines else None
-                sure = " ".join(t for t, s in lines if s >= self.params.caption_min_score)
-                row["caption_ocr"] = caption_with_text(caption, sure)
+                row["caption_ocr"] = caption_with_text(caption, text)
             out.append(row)
         return out
 
