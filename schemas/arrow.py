@@ -39,6 +39,10 @@ REJECT_BASE = [
     pa.field("source", pa.string(), nullable=False),
     pa.field("reason", pa.string(), nullable=False),
     pa.field("error", pa.string()),
+    # What identifies the row to a reader, so a reject can be judged without the source; after
+    # the older columns, as readers of outputs that predate them match columns by name.
+    pa.field("caption", pa.string()),
+    pa.field("meta", pa.string()),
 ]
 
 

@@ -19,7 +19,7 @@ from schemas.arrow import kept_schema, reject_schema
 from schemas.config import CurateConfig
 from tasks.actors import ItemError, Pools, infer_on_pool
 from tasks.buckets import BucketAssigner
-from tasks.decode import DecodeError, ImageSample
+from tasks.decode import DecodeError, ImageSample, describe, stable_text
 from tasks.rules import first_failure
 from tasks.signals import Sample, Signal, build_signals
 
@@ -58,7 +58,9 @@ class _Row:
     error: str | None = None
 
     def reject(self, reason: str, error: str | None) -> None:
-        self.reason, self.error = reason, error
+        """Every error text passes here (source, decode, rule, signal, pool), so this one place
+        keeps memory addresses out of rejects: two runs over the same data write equal rows."""
+        self.reason, self.error = reason, None if error is None else stable_text(error)
 
 
 @dataclass
@@ -108,7 +110,7 @@ class Chain:
         except DecodeError as exc:
             row.reject(exc.reason, exc.detail)
         except Exception as exc:
-            row.reject("undecodable", f"{type(exc).__name__}: {exc}")
+            row.reject("undecodable", describe(exc))
 
     def _run_signal(self, signal: Signal, rows: list[_Row]) -> None:
         live = [r for r in rows if not r.reason]
@@ -165,7 +167,7 @@ class Chain:
                 rows.append(r)
             except Exception as exc:
                 self.tried[signal.name] += 1
-                self._signal_error(signal.name, r, f"{type(exc).__name__}: {exc}")
+                self._signal_error(signal.name, r, describe(exc))
         return rows, infer_on_pool(self.pools[signal.name], prepared, signal.params.batch_size)
 
     @staticmethod
@@ -173,7 +175,7 @@ class Chain:
         try:
             return signal.compute(row.sample)
         except Exception as exc:
-            return ItemError(f"{type(exc).__name__}: {exc}")
+            return ItemError(describe(exc))
 
     def score_batch(self, batch: pa.RecordBatch, kept_keys: set[str]) -> BatchResult:
         rows = [_Row(d["key"], d["source"], d["caption"], d["meta"], d["image"]) for d in batch.to_pylist()]
@@ -212,6 +214,9 @@ class Chain:
         return pa.RecordBatch.from_pylist(out, schema=self.kept_schema)
 
     def _rejects(self, rows: list[_Row]) -> pa.RecordBatch:
-        out = [{"key": r.key, "source": r.source, "reason": r.reason, "error": r.error, **r.values}
+        """Caption and meta stay with a reject, so what was dropped can be read without joining
+        back to the source; the image bytes do not, as rejects are for reading, not training."""
+        out = [{"key": r.key, "source": r.source, "reason": r.reason, "error": r.error, "caption": r.caption,
+                "meta": r.meta, **r.values}
                for r in rows if r.reason]
         return pa.RecordBatch.from_pylist(out, schema=self.reject_schema)

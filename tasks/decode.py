@@ -10,6 +10,7 @@ Truncated files fail: a half-grey image is bad training data.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -24,10 +25,33 @@ _ORIENTATION_TAG = 0x0112
 SWAPS_AXES = {5, 6, 7, 8}
 
 
+# Pillow names the file it could not read by its repr, and a BytesIO's repr is its memory
+# address (``<_io.BytesIO object at 0x7f...>``): different in every run, so two runs over the
+# same data would write different rejects. Reprs like that, and bare addresses, are rewritten.
+_ADDRESS_REPR = re.compile(r"<([^<>]*?) at 0x[0-9a-fA-F]+>")
+_BARE_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{9,}\b")  # 9+ digits: pointers, not format markers like 0xFFD8
+# The only BytesIO a decoder is handed here wraps a row's image bytes: say so, not its type.
+_NAMED_REPRS = {"_io.BytesIO object": "(the image bytes)"}
+
+
+def stable_text(text: str) -> str:
+    """``text`` with memory addresses removed: a repr showing one becomes a fixed description
+    (or the repr without its address), so the same failure reads the same in every run."""
+    text = _ADDRESS_REPR.sub(lambda m: _NAMED_REPRS.get(m.group(1), f"<{m.group(1)}>"), text)
+    return _BARE_ADDRESS.sub("0x...", text)
+
+
+def describe(exc: BaseException) -> str:
+    """Reject error text for an exception: its type and message, stable across runs."""
+    return f"{type(exc).__name__}: {stable_text(str(exc))}"
+
+
 class DecodeError(Exception):
-    """An image that cannot become training pixels; ``reason`` is the reject reason."""
+    """An image that cannot become training pixels; ``reason`` is the reject reason. The
+    detail is made stable here, so every raiser (the trainer's decode too) gets that."""
 
     def __init__(self, reason: str, detail: str):
+        detail = stable_text(detail)
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -117,7 +141,7 @@ class ImageSample:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise DecodeError("decompression_bomb", str(exc)) from exc
         except Exception as exc:  # Pillow raises many types for bad input
-            raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+            raise DecodeError("undecodable", describe(exc)) from exc
 
     def _read_header(self) -> Header:
         try:
@@ -125,7 +149,7 @@ class ImageSample:
         except DecodeError:
             raise
         except Exception as exc:  # Pillow raises many types for odd metadata; a bad file is a reject
-            raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+            raise DecodeError("undecodable", describe(exc)) from exc
 
     def _header_of(self, img: Image.Image) -> Header:
         try:
@@ -170,7 +194,7 @@ class ImageSample:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise DecodeError("decompression_bomb", str(exc)) from exc
         except Exception as exc:
-            raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
+            raise DecodeError("undecodable", describe(exc)) from exc
         self.decodes += 1
         if self._decode_side is not None:
             img = resize_short_side(img, self._decode_side)
