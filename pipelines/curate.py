@@ -28,7 +28,7 @@ from prefect.utilities.annotations import quote
 from schemas.config import load_config
 from tasks.dedupe import dedupe_keys
 from tasks.lock import output_lock
-from tasks.runner import RunAborted, RunContext, check_run, open_run
+from tasks.runner import RunAborted, RunContext, check_out_outside_source, check_run, open_run
 from tasks.shards import Manifest, sweep_uncommitted
 from tasks.sources import SourceShard, discover
 from tasks.stats import compute_stats, format_markdown
@@ -107,6 +107,7 @@ def curate(source: str, out: str, config: str | None = None, mode: str = "curate
     # and so does resuming `out` with another config, or a run already working on it
     check_run(source, out, cfg, mode)
     shards = discover(source, cfg.source, cfg.storage)
+    check_out_outside_source(source, out, shards)
     with output_lock(out, f"prefect flow curate --source {source}", storage=cfg.storage):
         run = open_run(source, out, cfg, mode=mode, shards=shards, ray_retries=0)
         try:

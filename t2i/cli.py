@@ -57,12 +57,11 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if not is_remote(args.out) and not Path(args.out).is_dir():
         print(f"error: no such output folder: {args.out}", file=sys.stderr)
         return 2
-    if is_remote(args.out):  # endpoint and keys from the environment / ~/.aws
-        store = open_store(args.out)
-        store.check()
-        if not store.exists("_run.json"):
-            print(f"error: no curated output at {args.out} (no _run.json)", file=sys.stderr)
-            return 2
+    store = open_store(args.out)  # on an object store: endpoint and keys from the environment / ~/.aws
+    store.check()
+    if not store.exists("_run.json"):
+        print(f"error: {args.out} is not a t2i curate or analyze output (it has no _run.json)", file=sys.stderr)
+        return 2
     stats = compute_stats(args.out)
     _print(json.dumps(stats, indent=1, default=str) if args.json else format_stats(stats))
     return 0

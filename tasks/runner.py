@@ -61,6 +61,8 @@ class RunSummary:
     kept: int = 0
     rejected: int = 0
     duplicates_moved: int = 0  # kept rows whose key an earlier shard already had
+    output_kept: int = 0  # the whole output's totals after the run (earlier runs' shards included)
+    output_rejected: int = 0
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)  # shard_id -> error
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -160,6 +162,22 @@ def check_run(source: str | Path, out: str | Path, cfg: CurateConfig, mode: str)
     return cfg
 
 
+class OutputInsideSource(ConfigError):
+    """``--out`` below a folder or Parquet source: a second run would read its own output as input."""
+
+
+def check_out_outside_source(source: str | Path, out: str | Path, shards: list[SourceShard]) -> None:
+    """A folder or Parquet source is every image or .parquet below it, the output's included: refuse
+    an output inside it (a tar source ignores the output's .parquet files, so it may hold one)."""
+    if not shards or shards[0].kind == "webdataset":
+        return
+    src, dst = location(source), location(out)
+    if dst == src or dst.startswith(src.rstrip("/") + "/"):
+        raise OutputInsideSource(
+            f"--out {dst} is inside the {shards[0].kind} source {src}: a later run would read the output as input; "
+            "put the output elsewhere")
+
+
 def open_run(source: str | Path, out: str | Path, cfg: CurateConfig, *, mode: str = "curate",
              shards: list[SourceShard] | None = None, use_ray: bool = True,
              ray_retries: int | None = None) -> RunContext:
@@ -208,6 +226,7 @@ def run(
     started = time.perf_counter()
     check_run(source, out, cfg, mode)
     shards = shards if shards is not None else discover(source, cfg.source, cfg.storage)  # a bad source: no lock
+    check_out_outside_source(source, out, shards)
     with output_lock(out, f"t2i {mode} --source {source}", storage=cfg.storage):
         ctx = open_run(source, out, cfg, mode=mode, shards=shards, use_ray=use_ray)
         summary = ctx.summary
@@ -227,6 +246,9 @@ def run(
         summary.duplicates_moved = dedupe_keys(ctx.store) if dedupe else 0
     summary.kept -= summary.duplicates_moved
     summary.rejected += summary.duplicates_moved
+    entries = Manifest(as_store(out, cfg.storage)).entries()
+    summary.output_kept = sum(e.get("kept", 0) for e in entries)
+    summary.output_rejected = sum(e.get("rejected", 0) for e in entries)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 

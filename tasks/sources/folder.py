@@ -131,6 +131,8 @@ def _sample(files: _Files, rel: str, limit: int) -> tuple[bytes | None, str | No
     except OSError as exc:
         return None, None, f"{UNREADABLE}: cannot read {printable(rel)}: {printable(str(exc))}"
     caption, utf8_error = decode_caption(raw)
+    if caption is not None:  # an editor's final newline is not part of the caption (img2dataset writes none)
+        caption = caption.removesuffix("\n").removesuffix("\r")
     return image, caption, error or caption_error or utf8_error
 
 
