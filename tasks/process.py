@@ -69,7 +69,8 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Store | str | Path
     attempt = Attempt(store, shard.shard_id)
     writers = {
         kind: PartWriter(store, kind, shard.shard_id, schema, cfg.output.max_rows_per_shard,
-                         cfg.output.max_bytes_per_shard, cfg.output.row_group_rows, attempt=attempt)
+                         cfg.output.max_bytes_per_shard, cfg.output.row_group_rows, attempt=attempt,
+                         keep_empty=kind == "rejects")
         for kind, schema in (("shards", chain.kept_schema), ("rejects", chain.reject_schema))
     }
     result = ShardResult(shard.shard_id, shard.path, started_at=round(started_at, 3), node=_node_id(),

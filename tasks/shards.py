@@ -196,15 +196,19 @@ class PartWriter:
 
     Rows go to the open part's file a row group at a time, so a shard task holds at most one
     row group of output (plus the input batch being scored), whatever ``max_rows`` is: memory
-    does not grow with part size. ``publish`` makes the finished parts visible (a rename
-    locally; nothing to do on an object store, where they were written in place)."""
+    does not grow with part size. ``keep_empty`` writes one empty part for a shard with no rows
+    (rejects: so ``FROM 'out/rejects/*.parquet'`` works on an output with none). ``publish``
+    makes the finished parts visible (a rename locally; nothing to do on an object store, where
+    they were written in place)."""
 
     def __init__(self, out: Store | str | Path, kind: str, shard_id: str, schema: pa.Schema, max_rows: int,
-                 max_bytes: int, row_group_rows: int = ROW_GROUP_ROWS, attempt: Attempt | None = None):
+                 max_bytes: int, row_group_rows: int = ROW_GROUP_ROWS, attempt: Attempt | None = None,
+                 keep_empty: bool = False):
         self.store = as_store(out)
         self.kind, self.shard_id, self.schema = kind, shard_id, schema
         self.max_rows, self.max_bytes, self.row_group_rows = max_rows, max_bytes, row_group_rows
         self.attempt = attempt or Attempt(self.store, shard_id)  # shared by a shard's two writers
+        self.keep_empty = keep_empty
         self.pending: list[pa.RecordBatch] = []  # rows not yet in a row group
         self.pending_rows = 0
         self.part_rows = 0  # rows in the open part, written or pending
@@ -234,14 +238,17 @@ class PartWriter:
         if not self.pending_rows:
             return
         if self.writer is None:
-            rel = self._staged(len(self.parts))
-            if not self.store.renames:
-                self.attempt.note(rel)
-            self.sink = self.store.open_writer(rel)
-            self.writer = pq.ParquetWriter(self.sink, self.schema, compression="zstd")
+            self._open_part()
         self.writer.write_table(pa.Table.from_batches(self.pending, schema=self.schema),
                                 row_group_size=self.row_group_rows)
         self.pending, self.pending_rows = [], 0
+
+    def _open_part(self) -> None:
+        rel = self._staged(len(self.parts))
+        if not self.store.renames:
+            self.attempt.note(rel)
+        self.sink = self.store.open_writer(rel)
+        self.writer = pq.ParquetWriter(self.sink, self.schema, compression="zstd")
 
     def _name(self, index: int) -> str:
         if self.store.renames:
@@ -258,6 +265,8 @@ class PartWriter:
         """Close the open part (durable: fsynced locally, the upload completed on an object
         store); the next rows start a new one."""
         self._write_pending()
+        if self.writer is None and self.keep_empty and not self.parts and not self.count:
+            self._open_part()  # an empty part: the folder's glob has a file with every column
         if self.writer is None:
             return
         self.writer.close()

@@ -77,3 +77,13 @@ def test_readme_queries_on_s3(curated, s3: S3Bucket):
     remote, local = run_queries(con, url), run_queries(duckdb.connect(), str(curated))
     assert all(local)
     assert [sorted(rows) for rows in remote] == [sorted(rows) for rows in local]  # ties may come in any order
+
+
+def test_readme_queries_on_analyze_output(tmp_path):
+    """`t2i analyze` rejects nothing decodable: each shard still writes an (empty) rejects part, so the
+    rejects query reads zero rows instead of failing on a glob with no file."""
+    write_webdataset(tmp_path / "src" / "0.tar", photo_samples())
+    run(tmp_path / "src", tmp_path / "out", CurateConfig(), mode="analyze", use_ray=False)
+    per_bucket, reasons, near_dupes = run_queries(duckdb.connect(), str(tmp_path / "out"))
+    assert reasons == [] and per_bucket and near_dupes
+    assert sum(n for _, n, _ in per_bucket) == len(list(photo_samples()))
