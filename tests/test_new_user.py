@@ -104,3 +104,21 @@ def test_summary_json_has_the_totals(tmp_path):
             str(tmp_path / "c.yaml")]
     first, again = json.loads(cli(*args).stdout), json.loads(cli(*args).stdout)
     assert again["output_kept"] == first["kept"] and again["output_rejected"] == first["rejected"]
+
+
+def test_the_readme_config_block_is_a_valid_config_with_the_codes_defaults():
+    """The README's annotated config is what the code reads: it validates, and each value it shows
+    for source, decode, output and run is the default (a user copying it changes nothing)."""
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "signals:" in b and "rules:" in b)
+    shown = yaml.safe_load(block)
+    cfg = CurateConfig.model_validate(shown)
+    defaults = CurateConfig().model_dump()
+    for section in ("source", "decode", "output", "run"):
+        for key, value in (shown.get(section) or {}).items():
+            assert defaults[section][key] == value, f"README shows {section}.{key}: {value}"
+    assert cfg.source.unreadable == "fail" and "salvage" in block
