@@ -113,7 +113,7 @@ class BucketDataset(Dataset):
         crop = ((uniform(cfg.seed, batch.epoch, key, "crop-top"), uniform(cfg.seed, batch.epoch, key, "crop-left"))
                 if cfg.random_crop else None)
         try:
-            pixels, time_ids = cover_crop(row.image, batch.size, crop)
+            pixels, time_ids = cover_crop(row.image, batch.size, crop, original=row.original_size)
         except Exception as exc:  # any decode failure: the run goes on
             if key not in self._warned:
                 self._warned.add(key)

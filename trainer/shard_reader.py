@@ -30,6 +30,17 @@ class ShardRow:
     original: str | None
     machine: str | None
     synthetic: bool
+    original_size: tuple[int, int] | None = None  # (w, h) before the downloader stored it; None: unknown
+
+
+ORIGINAL_COLUMNS = ("original_width", "original_height")  # tasks/signals/resolution.py
+
+
+def _original_size(width: Any, height: Any) -> tuple[int, int] | None:
+    """Both sides, positive, or None (a shard without the columns, or a row whose source did not say)."""
+    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+        return width, height
+    return None
 
 
 def open_parquet(path: str, **kwargs: Any) -> pq.ParquetFile:
@@ -70,7 +81,8 @@ class ShardReader:
     def __init__(self, index: RowIndex, caption: CaptionConfig, max_open: int = 16, max_kept_bytes: int = 256 << 20):
         self.index, self.caption = index, caption
         machine = [caption.machine_column] if caption.machine_column else []
-        self.columns = ["key", "image", caption.original_column, *machine, caption.synthetic_column]
+        self.columns = ["key", "image", caption.original_column, *machine, caption.synthetic_column,
+                        *ORIGINAL_COLUMNS]
         self.max_open, self.max_kept_bytes = max_open, max_kept_bytes
         self.cursors: OrderedDict[int, _GroupCursor] = OrderedDict()
         self.kept: dict[int, ShardRow] = {}
@@ -143,7 +155,7 @@ class ShardReader:
                                "the shards changed, build the RowIndex again")
         c = self.caption
         return ShardRow(key, value("image"), value(c.original_column), value(c.machine_column),
-                        bool(value(c.synthetic_column)))
+                        bool(value(c.synthetic_column)), _original_size(*map(value, ORIGINAL_COLUMNS)))
 
     def _keep(self, position: int, row: ShardRow, due: np.ndarray) -> None:
         self.kept[position] = row

@@ -4,7 +4,10 @@ The image is scaled to cover the bucket (scale = max(bw/w, bh/h): no padding, no
 then cropped to it. SDXL conditions on (original size, crop top-left, target size) so that at
 sampling time "uncropped, large original" can be asked for; the values must therefore describe
 what really happened: the original is the upright full-size image (before any reduction), the
-crop offset is in the pixels of the resized image.
+crop offset is in the pixels of the resized image. Where curation recorded the size the image had
+before the downloader stored it (``original_width`` / ``original_height``, tasks/signals/resolution.py),
+that is the original: a 180x200 photo stored upscaled to 384x427 must be conditioned as small,
+else sampling with "large original" would ask for upscaling blur.
 
 Decoding uses the curation guards (tasks/decode.py: file-size and decompression-bomb limits on the
 upright header before any pixel, EXIF orientation, every mode to RGB). JPEGs are decoded with
@@ -66,13 +69,16 @@ def decode_upright(data: bytes | None, bucket: tuple[int, int] | None = None,
 
 
 def cover_crop(data: bytes | None, bucket: tuple[int, int], uniforms: tuple[float, float] | None = None,
-               limits: DecodeConfig = DEFAULT_LIMITS) -> tuple[np.ndarray, tuple[int, int, int, int, int, int]]:
+               limits: DecodeConfig = DEFAULT_LIMITS, original: tuple[int, int] | None = None,
+               ) -> tuple[np.ndarray, tuple[int, int, int, int, int, int]]:
     """HxWx3 uint8 pixels of ``bucket`` (w, h) and SDXL's add_time_ids
-    (original_h, original_w, crop_top, crop_left, target_h, target_w)."""
+    (original_h, original_w, crop_top, crop_left, target_h, target_w). ``original`` (w, h): the
+    size the source recorded before storing the image; None: the stored image's upright size."""
     img, (width, height) = decode_upright(data, bucket, limits)
+    orig_w, orig_h = original if original is not None else (width, height)
     resized = cover_size(width, height, bucket)
     if img.size != resized:
         img = img.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0)  # PNGs: box-reduce first
     top, left = crop_offset(resized, bucket, uniforms)
     pixels = np.asarray(img.crop((left, top, left + bucket[0], top + bucket[1])))
-    return pixels, (height, width, top, left, bucket[1], bucket[0])
+    return pixels, (orig_h, orig_w, top, left, bucket[1], bucket[0])

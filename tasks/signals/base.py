@@ -40,6 +40,7 @@ class Sample:
     key: str
     caption: str | None
     image: ImageSample
+    meta: str | None = None  # the source's JSON object for the row (img2dataset's sidecar), as text
 
 
 class Signal:
