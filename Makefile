@@ -4,6 +4,8 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
+HF_VENV := .venv-hf
+HF_STAMP := $(HF_VENV)/.setup-stamp
 PIP_QUIET := 2>&1 | { grep -vE "^WARNING: Location .* is ignored" || true; }
 CJK_FONT := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -15,7 +17,13 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup demo test lint bench bench-quick lock clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(HF_STAMP)
+
+# Hugging Face datasets in a venv of its own (its pyarrow/numpy clash with ours): loads outputs in tests.
+$(HF_STAMP): requirements-hf.txt
+	test -x $(HF_VENV)/bin/python || $(PY) -m venv $(HF_VENV)
+	set -o pipefail; $(HF_VENV)/bin/pip install -q -r requirements-hf.txt $(PIP_QUIET)
+	touch $(HF_STAMP)
 
 $(STAMP): requirements.txt requirements.lock pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11)"; exit 1; }
@@ -53,4 +61,4 @@ lock: setup
 	rm requirements.lock.new
 
 clean:
-	rm -rf $(VENV) demo-out bench-out bench-results.json
+	rm -rf $(VENV) $(HF_VENV) demo-out bench-out bench-results.json

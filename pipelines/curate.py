@@ -26,6 +26,7 @@ from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 
 from schemas.config import load_config
+from tasks.card import write_card
 from tasks.dedupe import dedupe_keys
 from tasks.lock import output_lock
 from tasks.runner import RunAborted, RunContext, check_out_outside_source, check_run, open_run
@@ -87,6 +88,7 @@ def finalize(run: RunContext) -> dict[str, Any]:
     out = run.out
     sweep_uncommitted(run.store)
     moved = dedupe_keys(run.store)
+    write_card(run.store)
     stats = compute_stats(out, run.cfg.storage)
     stats["duplicates_moved"] = moved
     create_markdown_artifact(markdown=format_markdown(stats), key="curate-summary",

@@ -23,6 +23,7 @@ import ray
 
 from schemas.config import ConfigError, CurateConfig, config_differences
 from tasks.actors import pool_resources
+from tasks.card import write_card
 from tasks.cluster import cluster_address, ensure_ray
 from tasks.dedupe import dedupe_keys, recover
 from tasks.dispatch import Dispatcher, RunAborted
@@ -244,6 +245,7 @@ def run(
             ctx.dispatcher.close()
         sweep_uncommitted(ctx.store)  # attempts that lost their node: a listing now shows committed parts only
         summary.duplicates_moved = dedupe_keys(ctx.store) if dedupe else 0
+        write_card(ctx.store)  # after the key pass: the parts as they stay
     summary.kept -= summary.duplicates_moved
     summary.rejected += summary.duplicates_moved
     entries = Manifest(as_store(out, cfg.storage)).entries()
