@@ -122,8 +122,13 @@ class Store:
             fh.write(data)
 
     def write_parquet(self, rel: str, table: pa.Table, row_group_rows: int) -> None:
+        """An empty table is written with no row group at all: a row group of 0 rows makes some
+        readers fail (Hugging Face datasets takes its batch size from the first group)."""
         with self.writer(rel) as fh:
-            pq.write_table(table, fh, compression="zstd", row_group_size=row_group_rows)
+            if table.num_rows:
+                pq.write_table(table, fh, compression="zstd", row_group_size=row_group_rows)
+            else:
+                pq.ParquetWriter(fh, table.schema, compression="zstd").close()
 
     @contextmanager
     def writer(self, rel: str) -> Iterator[IO[bytes]]:
