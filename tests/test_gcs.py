@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_lease import holder, take_when_free
+from test_lease import holder, race_for_stale_leases, take_when_free
 from test_s3_curate import CONFIG, cli, make_source
 
 from schemas.config import StorageConfig
@@ -148,37 +148,8 @@ def test_a_killed_holders_lease_is_taken_over_after_its_ttl_and_not_before(gcs: 
 
 
 def test_racing_takers_of_a_stale_lease_one_wins(gcs: GcsBucket):
-    url, cfg = gcs.uri, storage(gcs)
-    rounds = ["a", "b"]
-    dead = {"host": "elsewhere", "pid": 1, "started": "then", "command": "dead run", "ttl_s": 0}
-    for name in rounds:
-        assert gcs.put(f"{name}/_lock", json.dumps(dead).encode()).status == 200
-    while (seen := Lease(url(rounds[-1]), "look", cfg).read()).expires_in(0) > 0:  # stale by the server's clock
-        time.sleep(seen.expires_in(0) / 2)
-    for name in rounds:
-        takers = [Lease(url(name), f"taker {i}", cfg, ttl_s=10) for i in range(6)]
-        start = threading.Barrier(len(takers))
-        won: list[Lease] = []
-        refused: list[str] = []
-
-        def take(lease: Lease, won=won, refused=refused, start=start) -> None:
-            start.wait()
-            try:
-                won.append(lease.acquire())
-            except OutputLocked as exc:
-                refused.append(str(exc))
-
-        threads = [threading.Thread(target=take, args=(lease,)) for lease in takers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert len(won) == 1 and len(refused) == 5, (won, refused)
-        winner = won[0]
-        assert winner.previous["command"] == "dead run"
-        assert all(f"({winner.info['command']})" in text for text in refused), refused
-        assert lease_body(gcs, f"{name}/_lock")["token"] == winner.info["token"]
-        winner.release()
+    race_for_stale_leases(gcs.uri, storage(gcs), ["a", "b"], lambda key, data: gcs.put(key, data).status,
+                          lambda key: lease_body(gcs, key))
 
 
 def test_a_holder_whose_lease_was_overwritten_or_deleted_notices_and_leaves_the_others(gcs: GcsBucket):

@@ -147,37 +147,8 @@ def test_a_killed_holders_lease_is_taken_over_after_its_ttl_and_not_before(s3: S
 
 
 def test_racing_takers_of_a_stale_lease_one_wins(s3: S3Bucket):
-    url, cfg = s3.uri, storage(s3)
-    rounds = ["a", "b", "c"]
-    dead = {"host": "elsewhere", "pid": 1, "started": "then", "command": "dead run", "ttl_s": 0}
-    for name in rounds:
-        assert s3.request("PUT", f"{name}/_lock", body=json.dumps(dead).encode()).status == 200
-    while (seen := Lease(url(rounds[-1]), "look", cfg).read()).expires_in(0) > 0:  # stale by the server's clock
-        time.sleep(seen.expires_in(0) / 2)
-    for name in rounds:
-        takers = [Lease(url(name), f"taker {i}", cfg, ttl_s=10) for i in range(6)]
-        start = threading.Barrier(len(takers))
-        won: list[Lease] = []
-        refused: list[str] = []
-
-        def take(lease: Lease, won=won, refused=refused, start=start) -> None:
-            start.wait()
-            try:
-                won.append(lease.acquire())
-            except OutputLocked as exc:
-                refused.append(str(exc))
-
-        threads = [threading.Thread(target=take, args=(lease,)) for lease in takers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert len(won) == 1 and len(refused) == 5, (won, refused)
-        winner = won[0]
-        assert winner.previous["command"] == "dead run"
-        assert all(f"({winner.info['command']})" in text for text in refused), refused
-        assert body(s3, f"{name}/_lock")["token"] == winner.info["token"]
-        winner.release()
+    race_for_stale_leases(s3.uri, storage(s3), ["a", "b", "c"],
+                          lambda key, data: s3.request("PUT", key, body=data).status, lambda key: body(s3, key))
 
 
 def test_a_holder_whose_lease_was_overwritten_notices_and_leaves_the_others(s3: S3Bucket, caplog):
@@ -233,3 +204,38 @@ def test_wrong_secret_missing_bucket_and_gcs_are_storage_errors_before_anything_
         Lease("ftp://bucket/out", "run")
     with pytest.raises(StorageError, match="gs://"), output_lock("gs://bucket/out", "run"):
         pass
+
+
+def race_for_stale_leases(url, cfg, rounds: list[str], put, body_of) -> None:
+    """Per round, six takers race for a lease its dead holder left stale: exactly one wins, the
+    others are refused naming it. ``put(key, data) -> status`` and ``body_of(key)`` reach the store
+    as another client would (S3 or GCS)."""
+    dead = {"host": "elsewhere", "pid": 1, "started": "then", "command": "dead run", "ttl_s": 0}
+    for name in rounds:
+        assert put(f"{name}/_lock", json.dumps(dead).encode()) == 200
+    while (seen := Lease(url(rounds[-1]), "look", cfg).read()).expires_in(0) > 0:  # stale by the server's clock
+        time.sleep(seen.expires_in(0) / 2)
+    for name in rounds:
+        takers = [Lease(url(name), f"taker {i}", cfg, ttl_s=10) for i in range(6)]
+        start = threading.Barrier(len(takers))
+        won: list[Lease] = []
+        refused: list[str] = []
+
+        def take(lease: Lease, won=won, refused=refused, start=start) -> None:
+            start.wait()
+            try:
+                won.append(lease.acquire())
+            except OutputLocked as exc:
+                refused.append(str(exc))
+
+        threads = [threading.Thread(target=take, args=(lease,)) for lease in takers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and len(refused) == 5, (won, refused)
+        winner = won[0]
+        assert winner.previous["command"] == "dead run"
+        assert all(f"({winner.info['command']})" in text for text in refused), refused
+        assert body_of(f"{name}/_lock")["token"] == winner.info["token"]
+        winner.release()

@@ -85,6 +85,18 @@ def objects(s3: S3Bucket, prefix: str) -> dict[str, bytes]:
     return {f.path: fs.open_input_stream(f.path).read() for f in found if f.type == pafs.FileType.File}
 
 
+def sixteen_tars_with_a_short_lease(tmp_path: Path, s3: S3Bucket, config: Path) -> str:
+    """16 tars uploaded (enough for a run to be stopped mid-way), a 3 s lease in ``config``, and
+    the local curation of the same tars in ``tmp_path/ref``; returns the source's URL."""
+    src = make_source(tmp_path / "src", 16)
+    with config.open("a") as fh:
+        fh.write("storage: {lease_ttl_s: 3}\n")
+    ref = cli("curate", "--source", str(src), "--out", str(tmp_path / "ref"), "--config", str(config), "--no-ray",
+              env={})
+    assert ref.returncode == 0, ref.stderr
+    return upload(src, s3, "laion")
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "c.yaml"
@@ -125,13 +137,7 @@ def test_curating_from_s3_to_s3_equals_curating_locally(tmp_path: Path, s3: S3Bu
 
 def test_kill_dash_nine_on_s3_then_rerun_gives_the_uninterrupted_result(tmp_path: Path, s3: S3Bucket,
                                                                         config: Path):
-    src = make_source(tmp_path / "src", 16)
-    src_url = upload(src, s3, "laion")
-    with config.open("a") as fh:
-        fh.write("storage: {lease_ttl_s: 3}\n")
-    ref = cli("curate", "--source", str(src), "--out", str(tmp_path / "ref"), "--config", str(config), "--no-ray",
-              env={})
-    assert ref.returncode == 0, ref.stderr
+    src_url = sixteen_tars_with_a_short_lease(tmp_path, s3, config)
     out = s3.uri("curated")
     args = [sys.executable, "-m", "t2i.cli", "curate", "--source", src_url, "--out", out, "--config", str(config),
             "--no-ray"]
@@ -188,13 +194,7 @@ def test_bad_credentials_or_buckets_fail_before_any_work(tmp_path: Path, s3: S3B
 def test_a_run_whose_lease_is_taken_stops_and_a_rerun_completes_it(tmp_path: Path, s3: S3Bucket, config: Path):
     """Someone else's lease in place of ours (the store unreachable for a ttl, then another run took
     over): the run stops handing out shards, exits 2 naming the lost lock; a later run resumes."""
-    src = make_source(tmp_path / "src", 16)
-    src_url = upload(src, s3, "laion")
-    with config.open("a") as fh:
-        fh.write("storage: {lease_ttl_s: 3}\n")
-    ref = cli("curate", "--source", str(src), "--out", str(tmp_path / "ref"), "--config", str(config), "--no-ray",
-              env={})
-    assert ref.returncode == 0, ref.stderr
+    src_url = sixteen_tars_with_a_short_lease(tmp_path, s3, config)
     args = ["curate", "--source", src_url, "--out", s3.uri("curated"), "--config", str(config), "--no-ray"]
     proc = subprocess.Popen([sys.executable, "-m", "t2i.cli", *args], env={**os.environ, **s3.env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
