@@ -25,7 +25,7 @@ leaves the staged file and the new target both there, which the roll-forward tre
 done but for its delete. What it plans over there is the manifest's committed parts only.
 
 Every call first finishes a journal left by a killed pass, then removes what killed attempts
-left (``_dedupe/``, and the ``.{name}.tmp-{pid}`` files of ``write_atomic``), then plans
+left (``_dedupe/``, and the ``.{name}.tmp-{pid}`` files of local atomic writes), then plans
 anew. The journal keeps a digest of each target before and after its rename: a shard redone
 since the kill (its manifest entry forgotten, its parts rewritten) no longer matches, and its
 renames are dropped rather than applied over the new files; the new plan covers it.

@@ -44,18 +44,6 @@ TMP = "_tmp"
 ROW_GROUP_ROWS = 256
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """A local file written beside, fsynced, renamed."""
-    store = as_store(path.parent)
-    store.write_bytes(path.name, data)
-
-
-def write_table_atomic(path: Path, table: pa.Table, row_group_rows: int = ROW_GROUP_ROWS) -> None:
-    """Row groups stay small (a few hundred images): a reader that needs some rows (the trainer
-    resuming mid-epoch, DuckDB splitting work) reads one group, not the whole part."""
-    as_store(path.parent).write_parquet(path.name, table, row_group_rows)
-
-
 class Manifest:
     """Which source shards are finished, one small JSON file each (no shared file to lock)."""
 

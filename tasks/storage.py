@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import shutil
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -145,15 +146,9 @@ class Store:
             self.fs.delete_file(self.path(rel))
 
     def delete_tree(self, rel: str) -> None:
+        """Every object below ``rel`` (an object store has no folders to remove)."""
         for entry in self.list(rel, recursive=True):
             self.delete(entry.rel)
-        if self.renames:
-            self.fs.delete_dir_contents(self.path(rel), missing_dir_ok=True)
-            self.delete_dir(rel)
-
-    def delete_dir(self, rel: str) -> None:
-        with suppress(FileNotFoundError, OSError):
-            self.fs.delete_dir(self.path(rel))
 
     def replace(self, src: str, dst: str) -> None:
         """Put ``src`` at ``dst``: a rename here; on an object store a copy (the new ``dst`` appears
@@ -214,8 +209,6 @@ class LocalStore(Store):
             os.close(fd)
 
     def delete_tree(self, rel: str) -> None:
-        import shutil
-
         shutil.rmtree(self.path(rel), ignore_errors=True)
 
 
