@@ -52,7 +52,7 @@ import yaml
 from bench.corpus import CorpusSpec, build_corpus, write_tar
 from bench.memory import TreeSampler
 from schemas.config import CurateConfig, load_config
-from tasks.actors import pool_resources
+from tasks.actors import pool_resources, pool_specs
 from tasks.cluster import ensure_ray
 from tasks.dedupe import dedupe_keys
 from tasks.runner import run
@@ -189,7 +189,7 @@ def measure(mode: str, root: Path, seed: int = 0) -> dict[str, Any]:
         ray.shutdown()
     with TreeSampler() as mem:
         wall = time.perf_counter()
-        ensure_ray(cfg.run, extra_cpus=pool_resources([s for s in build_signals(cfg.signals) if s.uses_actor])[0])
+        ensure_ray(cfg.run, extra_cpus=pool_resources(pool_specs(build_signals(cfg.signals)))[0])
         ray_init_s = time.perf_counter() - wall
         try:
             wall = time.perf_counter()

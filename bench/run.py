@@ -47,7 +47,7 @@ from bench import flow, models
 from bench.corpus import REPO, CorpusSpec, build_corpus
 from bench.memory import TreeSampler
 from schemas.config import CurateConfig
-from tasks.actors import pool_resources
+from tasks.actors import pool_resources, pool_specs
 from tasks.chain import Chain
 from tasks.cluster import ensure_ray
 from tasks.runner import run
@@ -211,7 +211,7 @@ def timed_run(name: str, corpus: Path, shards: list[SourceShard], workers: int,
     finished: list[tuple[float, float]] = []  # (finish time, seconds inside process_shard)
     with TreeSampler() as mem:
         started = time.perf_counter()
-        ensure_ray(cfg.run, extra_cpus=pool_resources(build_signals(cfg.signals))[0])
+        ensure_ray(cfg.run, extra_cpus=pool_resources(pool_specs(build_signals(cfg.signals)))[0])
         ray_up = time.perf_counter()
         def done(result, _summary) -> None:
             if result is not None:  # None: the work has started

@@ -1,7 +1,8 @@
-"""Model-backed signals in Ray actor pools: each model loaded once per actor, fed in batches.
+"""Models in Ray actor pools: each model loaded once per actor, fed in batches.
 
-The driver starts one pool per model signal, sized from that signal's params (actors,
-cpus_per_actor, gpus_per_actor), and hands the actor handles to every shard task. A shard
+The driver starts one pool per model signal (curation) or model stage (a pass over shards), sized
+from its ``PoolSpec`` (actors, CPUs and GPUs per actor, model batch), and hands the actor handles
+to every shard or part task; an actor merges the requests of many tasks into model batches. A shard
 task decodes and prepares its images (``ModelSignal.prepare``) and sends batches to the
 pool, so the image is decoded once, in the task, and the model never is loaded twice.
 
@@ -21,8 +22,10 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +37,15 @@ from tasks.signals.base import ModelSignal
 
 log = logging.getLogger(__name__)
 
-Pools = dict[str, list[Any]]  # signal name -> actor handles
+Pools = dict[str, list[Any]]  # pool name -> actor handles
 
 
 # How long a dead actor may take to come back (reload its model) before its pool counts as gone.
 RESTART_TIMEOUT_S = 600.0
 # Deaths of a live actor, each on one input sent alone, that make the input the cause.
 DEATHS_TO_BLAME = 2
+# Requests one actor holds at once (from many shard or part tasks), merged into model batches.
+ACTOR_CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -54,23 +59,178 @@ class PoolUnavailable(RuntimeError):
     """No actor of a pool answers: the shard fails (and is redone later), rows are not blamed."""
 
 
+class ModelFailing(RuntimeError):
+    """A model failed on most rows: a broken model or setup, not bad rows. The run or pass stops
+    rather than writing a pool's worth of errors and calling it done."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one actor of a pool asks Ray for, and how many actors the pool has."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    actors: int = 1
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One model pool: ``cls(cls.Params.model_validate(params))`` is built in each actor, loaded
+    once (``ensure_setup``), then fed lists of prepared inputs (``infer``). Model signals and the
+    caption pass's stages are both such classes: one pool mechanism for both."""
+
+    name: str
+    cls: type
+    params: dict[str, Any]
+    resources: Resources
+    batch_size: int  # the model's own batch: requests are merged up to this many rows
+
+
+class Batcher:
+    """Merges the requests that arrive at one actor at once into model batches.
+
+    The actor serves up to ``ACTOR_CONCURRENCY`` calls in threads; each call queues its inputs.
+    Whichever call finds the model idle runs it on the queued requests, taken in arrival order up
+    to ``batch_size`` rows (a larger request is cut into model batches), so requests from many
+    parts share a batch and a GPU does not wait on one part's preparation. A merged batch that
+    raises is run again request by request, so each caller gets its own outcome; an out-of-memory
+    error splits the batch in two and retries each half.
+    """
+
+    def __init__(self, fn: Callable[[list[Any]], list[Any]], batch_size: int):
+        self.fn, self.batch_size = fn, batch_size
+        self.cond = threading.Condition()
+        self.queue: deque[_Request] = deque()
+        self.busy = False
+        self.batches = 0  # model calls made: for tests and the benchmark
+        self.merged = 0  # of them, batches holding more than one request
+
+    def run(self, inputs: list[Any]) -> list[Any]:
+        request = _Request(list(inputs))
+        with self.cond:
+            self.queue.append(request)
+            while not request.done:
+                if self.busy:
+                    self.cond.wait()
+                    continue
+                self.busy, taken = True, self._take()
+                self.cond.release()
+                try:
+                    self._serve(taken)
+                finally:
+                    self.cond.acquire()
+                    self.busy = False
+                    self.cond.notify_all()
+        return request.outcome()
+
+    def _take(self) -> list[_Request]:
+        taken = [self.queue.popleft()]
+        rows = len(taken[0].inputs)
+        while self.queue and rows + len(self.queue[0].inputs) <= self.batch_size:
+            rows += len(self.queue[0].inputs)
+            taken.append(self.queue.popleft())
+        return taken
+
+    def _serve(self, taken: list[_Request]) -> None:
+        try:
+            out = self._call([x for r in taken for x in r.inputs])
+            self.merged += len(taken) > 1
+            at = 0
+            for r in taken:
+                r.result, at = out[at : at + len(r.inputs)], at + len(r.inputs)
+        except Exception as exc:
+            if len(taken) == 1:
+                taken[0].error = exc
+            else:  # whose input raised? each request alone
+                for r in taken:
+                    try:
+                        r.result = self._call(r.inputs)
+                    except Exception as one:
+                        r.error = one
+        except BaseException as exc:  # the actor is going down: no caller waits forever
+            for r in taken:
+                r.error = r.error or exc
+            raise
+        finally:
+            for r in taken:
+                r.done = True
+
+    def _call(self, rows: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        for i in range(0, len(rows), self.batch_size):
+            out += call_splitting_on_oom(self._counted, rows[i : i + self.batch_size])
+        return out
+
+    def _counted(self, rows: list[Any]) -> list[Any]:
+        self.batches += 1
+        out = self.fn(rows)
+        if len(out) != len(rows):
+            raise RuntimeError(f"the model returned {len(out)} results for {len(rows)} inputs")
+        return out
+
+
+@dataclass
+class _Request:
+    inputs: list[Any]
+    result: list[Any] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+    def outcome(self) -> list[Any]:
+        if self.error is not None:
+            raise self.error
+        return self.result or []
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA), or another framework's error saying so."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def call_splitting_on_oom(fn: Callable[[list[Any]], list[Any]], rows: list[Any]) -> list[Any]:
+    """``fn(rows)``; on out-of-memory, free what the allocator caches and do each half alone, down to
+    one row (whose OOM is then its own error)."""
+    try:
+        return fn(rows)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or len(rows) < 2:
+            raise
+    log.warning("out of memory on a batch of %d; splitting it in two", len(rows))
+    _free_cached_memory()
+    half = len(rows) // 2
+    return call_splitting_on_oom(fn, rows[:half]) + call_splitting_on_oom(fn, rows[half:])
+
+
+def _free_cached_memory() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")  # only a model that uses torch can have run out of its memory
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # max_restarts=-1: a finite budget is spent by that many poison images over a long run, and then
 # every later shard fails. max_task_retries=0: Ray would rerun a killing batch on the restarted
 # actor, only to die again; infer_on_pool retries (item by item) itself.
 @ray.remote(max_restarts=-1, max_task_retries=0)
-class SignalActor:
-    """Holds one loaded model signal."""
+class ModelActor:
+    """Holds one loaded model (a model signal or a pass's stage) and batches what it is sent."""
 
-    def __init__(self, cls: type[ModelSignal], params: dict[str, Any]):
-        """``cls`` itself, not its name, so a signal the driver registered (a test's) loads too."""
-        self.signal = cls(cls.Params.model_validate(params))
-        self.signal.ensure_setup()
+    def __init__(self, cls: type, params: dict[str, Any], batch_size: int):
+        """``cls`` itself, not its name, so a class the driver registered (a test's) loads too."""
+        self.model = cls(cls.Params.model_validate(params))
+        self.model.ensure_setup()
+        self.batcher = Batcher(self.model.infer, batch_size)
 
-    def infer(self, inputs: list[Any]) -> list[dict[str, Any]]:
-        return self.signal.infer(inputs)
+    def infer(self, inputs: list[Any]) -> list[Any]:
+        return self.batcher.run(inputs)
 
     def ready(self) -> bool:
         return True
+
+    def batch_counts(self) -> tuple[int, int]:
+        """(model batches run, of them merged from several requests)."""
+        return self.batcher.batches, self.batcher.merged
 
     def pid(self) -> int:
         """For tests and operators who kill an actor on purpose."""
@@ -79,25 +239,29 @@ class SignalActor:
         return os.getpid()
 
 
-def pool_resources(signals: Sequence[Signal]) -> tuple[float, float]:
-    """(CPUs, GPUs) that the pools of these signals reserve."""
-    model = [s for s in signals if s.uses_actor]
-    return (sum(s.params.actors * s.params.cpus_per_actor for s in model),
-            sum(s.params.actors * s.params.gpus_per_actor for s in model))
+def pool_specs(signals: Sequence[Signal]) -> list[PoolSpec]:
+    """The pools of the model signals among ``signals``."""
+    return [PoolSpec(s.name, type(s), s.params.model_dump(),
+                     Resources(s.params.cpus_per_actor, s.params.gpus_per_actor, s.params.actors), s.params.batch_size)
+            for s in signals if isinstance(s, ModelSignal)]
 
 
-def start_pools(signals: Sequence[Signal], timeout_s: float = 900.0) -> Pools:
-    """Start every model signal's actors and wait until each has loaded its model, so a
-    missing weight file fails the run at start, not hours in; never wait forever."""
+def pool_resources(specs: Sequence[PoolSpec]) -> tuple[float, float]:
+    """(CPUs, GPUs) that these pools reserve."""
+    return (sum(p.resources.actors * p.resources.cpus for p in specs),
+            sum(p.resources.actors * p.resources.gpus for p in specs))
+
+
+def start_pools(specs: Sequence[PoolSpec], timeout_s: float = 900.0) -> Pools:
+    """Start every pool's actors and wait until each has loaded its model, so a missing weight
+    file fails the run at start, not hours in; never wait forever."""
     pools: Pools = {}
-    for s in signals:
-        if not s.uses_actor:
-            continue
-        p = s.params
-        pools[s.name] = [
-            SignalActor.options(num_cpus=p.cpus_per_actor, num_gpus=p.gpus_per_actor).remote(
-                type(s), p.model_dump())
-            for _ in range(p.actors)
+    for spec in specs:
+        r = spec.resources
+        pools[spec.name] = [
+            ModelActor.options(num_cpus=r.cpus, num_gpus=r.gpus, max_concurrency=ACTOR_CONCURRENCY).remote(
+                spec.cls, spec.params, spec.batch_size)
+            for _ in range(r.actors)
         ]
     try:
         ray.get([h.ready.remote() for handles in pools.values() for h in handles], timeout=timeout_s)

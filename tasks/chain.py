@@ -17,7 +17,7 @@ from PIL import Image
 
 from schemas.arrow import kept_schema, reject_schema
 from schemas.config import CurateConfig
-from tasks.actors import ItemError, Pools, infer_on_pool
+from tasks.actors import ItemError, ModelFailing, Pools, infer_on_pool
 from tasks.buckets import BucketAssigner
 from tasks.decode import DecodeError, ImageSample, describe, stable_text
 from tasks.rules import first_failure
@@ -38,7 +38,7 @@ MIN_ERRORS_TO_FAIL = 3
 MIN_TRIED_TO_FAIL = 10
 
 
-class SignalFailing(RuntimeError):
+class SignalFailing(ModelFailing):
     """A signal failed on most rows of a shard: a broken model or setup, not bad rows. The
     run stops, rather than turning a whole pool into ``signal_error_*`` rejects."""
 

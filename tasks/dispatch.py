@@ -27,8 +27,16 @@ from typing import Any
 import ray
 
 from schemas.config import ConfigError, CurateConfig
-from tasks.actors import Pools, PoolUnavailable, pool_resources, start_pools, stop_pools
-from tasks.chain import SignalFailing
+from tasks.actors import (
+    ModelFailing,
+    Pools,
+    PoolSpec,
+    PoolUnavailable,
+    pool_resources,
+    pool_specs,
+    start_pools,
+    stop_pools,
+)
 from tasks.lock import lock_lost
 from tasks.process import ShardResult, process_shard
 from tasks.sources import SourceShard
@@ -51,7 +59,7 @@ NOT_PERMITTED = frozenset({errno.EACCES, errno.EPERM})
 
 def fatal_reason(exc: BaseException, out: str | Path) -> str | None:
     """The message to stop the run with, or None for a failure of this shard alone."""
-    if isinstance(exc, SignalFailing | PoolUnavailable):  # every shard would meet a dead pool too
+    if isinstance(exc, ModelFailing | PoolUnavailable):  # every shard would meet a dead pool too
         return str(exc)
     if not isinstance(exc, OSError):
         return None
@@ -84,15 +92,21 @@ class Fatal:
     message: str
 
 
-def _process_guarded(shard: SourceShard, cfg: CurateConfig, out: str, pools: Pools | None,
-                     skip: frozenset[str]) -> ShardResult | Fatal:
-    """One shard; a fatal failure comes back as ``Fatal`` (not retried), anything else raises."""
+def guarded(work: Callable[..., Any], unit_id: str, out: str) -> Any:
+    """``work()``; a failure every unit would meet comes back as ``Fatal`` (not retried by Ray),
+    anything else raises (and is retried)."""
     try:
-        return process_shard(shard, cfg, out, pools, skip)
+        return work()
     except Exception as exc:
         if (message := fatal_reason(exc, out)) is not None:
-            return Fatal(shard.shard_id, message)
+            return Fatal(unit_id, message)
         raise
+
+
+def _process_guarded(shard: SourceShard, pools: Pools | None, cfg: CurateConfig, out: str,
+                     skip: frozenset[str]) -> ShardResult | Fatal:
+    """One source shard of a curation run."""
+    return guarded(lambda: process_shard(shard, cfg, out, pools, skip), shard.shard_id, out)
 
 
 def check_fits(pool_cpus: float, pool_gpus: float) -> None:
@@ -134,31 +148,38 @@ class _RoomWatch:
 
 
 class Dispatcher:
-    """Shard work of one run, on Ray (``use_ray``) or in this process."""
+    """The units of one run or pass (source shards, curated parts), on Ray (``use_ray``) or in this
+    process: ``work(unit, pools, *args)`` returns a result, or ``Fatal`` to stop everything."""
 
-    def __init__(self, cfg: CurateConfig, out: str | Path, skip: frozenset[str], models: list, *, use_ray: bool,
-                 ray_retries: int):
-        """``ray_retries``: Ray's retries of a failed shard task (0 when a Prefect task retries
-        the group, so the two do not multiply)."""
-        self.cfg, self.out, self.skip, self.models, self.use_ray = cfg, out, skip, models, use_ray
-        self.ray_retries = ray_retries
-        self.slots = threading.BoundedSemaphore(cfg.run.workers)
+    def __init__(self, work: Callable[..., Any], args: tuple, out: str | Path, specs: list[PoolSpec], *,
+                 workers: int, use_ray: bool, ray_retries: int, what: str = "shard"):
+        """``args`` go to Ray's object store once; ``ray_retries``: Ray's retries of a failed task
+        (0 when a Prefect task retries the group, so the two do not multiply)."""
+        self.work, self.args, self.out, self.specs, self.use_ray = work, args, out, specs, use_ray
+        self.ray_retries, self.what = ray_retries, what
+        self.slots = threading.BoundedSemaphore(workers)
         self.aborted: str | None = None
         self.pools: Pools | None = None
         self._start_lock = threading.Lock()
         self._remote: Any = None
-        self._cfg_ref: Any = None
-        self._room = _RoomWatch(pool_resources(models)[0])
+        self._arg_refs: list[Any] = []
+        self._room = _RoomWatch(pool_resources(specs)[0])
+
+    @classmethod
+    def for_curation(cls, cfg: CurateConfig, out: str | Path, skip: frozenset[str], models: list, *,
+                     use_ray: bool, ray_retries: int) -> Dispatcher:
+        return cls(_process_guarded, (cfg, str(out), skip), out, pool_specs(models), workers=cfg.run.workers,
+                   use_ray=use_ray, ray_retries=ray_retries)
 
     def start(self) -> None:
         """Pools and the remote function, once (a run with nothing to do starts none)."""
         with self._start_lock:
             if self._remote is not None:
                 return
-            check_fits(*pool_resources(self.models))
-            self.pools = start_pools(self.models)
-            self._cfg_ref = ray.put(self.cfg)
-            self._remote = ray.remote(_process_guarded).options(
+            check_fits(*pool_resources(self.specs))
+            self.pools = start_pools(self.specs)
+            self._arg_refs = [ray.put(a) for a in self.args]
+            self._remote = ray.remote(self.work).options(
                 num_cpus=1, max_retries=self.ray_retries, retry_exceptions=self.ray_retries > 0)
 
     def close(self) -> None:
@@ -177,7 +198,7 @@ class Dispatcher:
         return failed
 
     def _abort(self, result: Fatal) -> None:
-        self.aborted = self.aborted or f"shard {result.shard_id}: {result.message}"
+        self.aborted = self.aborted or f"{self.what} {result.shard_id}: {result.message}"
 
     def _check_lock(self) -> None:
         """A lost lease (the object store unreachable for its ttl, or the lock taken over) means
@@ -192,8 +213,7 @@ class Dispatcher:
             self._check_lock()
             if self.aborted:
                 break
-            self._collect(lambda s=shard: _process_guarded(s, self.cfg, str(self.out), None, self.skip),
-                          shard, failed, finished)
+            self._collect(lambda s=shard: self.work(s, None, *self.args), shard, failed, finished)
         return failed
 
     def _on_ray(self, todo: list[SourceShard], finished: Finished) -> dict[str, str]:
@@ -213,7 +233,7 @@ class Dispatcher:
                 break
             if queue and self.slots.acquire(timeout=0 if pending else 0.5):
                 shard = queue.pop()
-                pending[self._remote.remote(shard, self._cfg_ref, str(self.out), self.pools, self.skip)] = shard
+                pending[self._remote.remote(shard, self.pools, *self._arg_refs)] = shard
                 continue
             if not pending:
                 continue
@@ -232,7 +252,7 @@ class Dispatcher:
             result = result_of()
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc
-            log.error("shard %s failed: %s", shard.shard_id, cause)
+            log.error("%s %s failed: %s", self.what, shard.shard_id, cause)
             failed[shard.shard_id] = f"{type(cause).__name__}: {cause}"
             return
         if isinstance(result, Fatal):

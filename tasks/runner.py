@@ -22,7 +22,7 @@ from typing import Any
 import ray
 
 from schemas.config import ConfigError, CurateConfig, config_differences
-from tasks.actors import pool_resources
+from tasks.actors import pool_resources, pool_specs
 from tasks.card import write_card
 from tasks.cluster import cluster_address, ensure_ray
 from tasks.dedupe import dedupe_keys, recover
@@ -198,13 +198,13 @@ def open_run(source: str | Path, out: str | Path, cfg: CurateConfig, *, mode: st
         if not ray.is_initialized() and cluster_address(cfg.run) is None:
             watch_ray()  # before ray.init: a driver killed while Ray starts leaves nothing either
             note_ray(out)  # the tag, for the next run, should the reaper itself be killed
-        ensure_ray(cfg.run, extra_cpus=pool_resources(models)[0])
+        ensure_ray(cfg.run, extra_cpus=pool_resources(pool_specs(models))[0])
         note_ray(out)
     guard_run_config(store, mode, cfg, str(source))
     sweep_uncommitted(store)  # attempts of killed runs (the lock says none is live)
     summary = RunSummary(mode, str(source), out, len(shards), len(shards) - len(todo))
     retries = cfg.run.task_retries if ray_retries is None else ray_retries
-    dispatcher = Dispatcher(cfg, out, skip, models, use_ray=use_ray, ray_retries=retries)
+    dispatcher = Dispatcher.for_curation(cfg, out, skip, models, use_ray=use_ray, ray_retries=retries)
     if todo and use_ray:
         dispatcher.start()  # pools up (weights load) before any group: a failure here is the run's
     return RunContext(str(source), out, cfg, mode, todo, summary, dispatcher, store)

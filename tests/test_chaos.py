@@ -3,7 +3,7 @@
 About 2,000 small images in 20 tars (``chaos_corpus``) are curated once without interruption
 into ``ref/``. Then the same command runs into ``out/`` and is killed, at seeded random points,
 ten times: the driver (SIGKILL), its whole process group (``killpg``), a shard-task worker
-(``ray::_process_guarded``) and a model actor (``ray::SignalActor``), each at least twice, one
+(``ray::_process_guarded``) and a model actor (``ray::ModelActor``), each at least twice, one
 driver and one group kill while the run's Ray is starting. Worker and actor kills
 leave the run going (Ray retries the task, restarts the actor); after a driver or process-group
 kill the test checks, polling for at most ~10 s, that none of the killed run's processes is
@@ -282,7 +282,7 @@ class Chaos:
 
     def actors_back(self, run: Run, killed: int) -> bool:
         """Both pools' actors serving again (not loading), the killed one replaced."""
-        serving = [p for p in run.descendants("ray::SignalActor") if "__init__" not in _cmd(p)]
+        serving = [p for p in run.descendants("ray::ModelActor") if "__init__" not in _cmd(p)]
         return len(serving) >= 2 and killed not in {p.pid for p in serving}
 
     def play(self, kinds: list[str]) -> None:
@@ -334,7 +334,7 @@ class Chaos:
 
     def targets(self, run: Run, kind: str) -> list[psutil.Process]:
         """Shard-task workers running a shard, or model actors serving (not loading their model)."""
-        prefix = "ray::_process_guarded" if kind == "worker" else "ray::SignalActor"
+        prefix = "ray::_process_guarded" if kind == "worker" else "ray::ModelActor"
         return [p for p in run.descendants(prefix) if "__init__" not in _cmd(p)]
 
     def finish(self, run: Run) -> None:

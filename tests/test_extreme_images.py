@@ -19,7 +19,7 @@ from conftest import photo, write_webdataset
 from PIL import Image
 
 from schemas.config import CurateConfig
-from tasks.actors import infer_on_pool, start_pools, stop_pools
+from tasks.actors import infer_on_pool, pool_specs, start_pools, stop_pools
 from tasks.decode import ImageSample
 from tasks.process import process_shard
 from tasks.runner import run
@@ -141,7 +141,7 @@ def test_an_actor_that_dies_costs_one_row_not_the_shard(tmp_path: Path, ray_runt
                                                   for i in range(6)])
     write_webdataset(tmp_path / "src" / "1.tar", [(f"b{i}", lena, "also fine", "jpg") for i in range(4)])
     cfg = CurateConfig(signals={"boom": {"batch_size": 2}}, rules={})
-    pools = start_pools(build_signals(cfg.signals))
+    pools = start_pools(pool_specs(build_signals(cfg.signals)))
     try:
         results = [process_shard(s, cfg, tmp_path / "out", pools) for s in discover(tmp_path / "src", cfg.source)]
         assert [(r.kept, r.rejected) for r in results] == [(5, 1), (4, 0)]  # the next shard runs on the restarted actor

@@ -21,7 +21,7 @@ import ray
 from conftest import photo, photo_samples, write_webdataset
 
 from schemas.config import CurateConfig
-from tasks.actors import start_pools, stop_pools
+from tasks.actors import pool_specs, start_pools, stop_pools
 from tasks.dispatch import _process_guarded
 from tasks.process import SourceChanged, process_shard
 from tasks.runner import RunAborted, run
@@ -79,7 +79,7 @@ def test_an_actor_killed_from_outside_costs_no_row(tmp_path: Path, ray_runtime, 
     lena = photo("lena.jpg")
     write_webdataset(tmp_path / "src" / "0.tar", [(f"a{i:02d}", lena, "x" * (i + 1), "jpg") for i in range(40)])
     cfg = CurateConfig(signals={"slow": {"batch_size": 4, "delay_s": 0.05}}, rules={})
-    pools = start_pools(build_signals(cfg.signals))
+    pools = start_pools(pool_specs(build_signals(cfg.signals)))
     pid = ray.get(pools["slow"][0].pid.remote())
     kills: list[int] = []
 
@@ -112,7 +112,7 @@ def test_a_model_error_is_the_rows_reject_with_the_models_own_text(tmp_path: Pat
     write_webdataset(tmp_path / "src" / "0.tar", [(f"k{i}", photo("cat.jpg"), "BAD" if i == 2 else "ok", "jpg")
                                                   for i in range(8)])
     cfg = CurateConfig(signals={"slow": {"batch_size": 4, "fail": "BAD"}}, rules={})
-    pools = start_pools(build_signals(cfg.signals))
+    pools = start_pools(pool_specs(build_signals(cfg.signals)))
     try:
         process_shard(discover(tmp_path / "src", cfg.source)[0], cfg, tmp_path / "out", pools)
     finally:
@@ -131,10 +131,10 @@ def test_a_model_failing_on_most_rows_stops_the_run(tmp_path: Path, ray_runtime,
         run(tmp_path / "src", tmp_path / "out", cfg, use_ray=False)
     assert Manifest(tmp_path / "out").done_ids() == set()  # nothing recorded as done, nothing to skip later
     assert not list((tmp_path / "out").glob("shards/*.parquet"))
-    pools = start_pools(build_signals(cfg.signals))  # the same through a pool on Ray
+    pools = start_pools(pool_specs(build_signals(cfg.signals)))  # the same through a pool on Ray
     try:
-        assert "failed on 12 of the 12 rows" in _process_guarded(discover(tmp_path / "src", cfg.source)[0], cfg,
-                                                               str(tmp_path / "out"), pools, frozenset()).message
+        assert "failed on 12 of the 12 rows" in _process_guarded(discover(tmp_path / "src", cfg.source)[0], pools, cfg,
+                                                               str(tmp_path / "out"), frozenset()).message
     finally:
         stop_pools(pools)
 

@@ -56,9 +56,9 @@ def two_nodes(s3: S3Bucket):
 
 def actor_on(cluster: RayCluster, node) -> bool:
     """Whether a model actor's worker process runs under this node's raylet (Ray titles it
-    ``ray::SignalActor...``)."""
+    ``ray::ModelActor...``)."""
     with contextlib.suppress(psutil.Error, StopIteration):
-        return any("SignalActor" in " ".join(p.cmdline()) for p in cluster.raylet(node).children(recursive=True))
+        return any("ModelActor" in " ".join(p.cmdline()) for p in cluster.raylet(node).children(recursive=True))
     return False
 
 
