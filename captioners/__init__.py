@@ -26,11 +26,16 @@ __all__ = ["CAPTIONERS", "TRANSLATORS", "Captioner", "ModelMissing", "Translator
 
 
 def _backend(table: dict[str, str], kind: str, section: dict[str, Any]) -> type:
+    """A registered backend, or ``package.module:Class`` for one of your own (installed code, as a
+    signal is: a new backend is one file plus its config entry)."""
     name = section.get("backend")
-    if name not in table:
-        raise ModelMissing(f"{kind}.backend must be one of {', '.join(sorted(table))}, not {name!r}")
-    module, _, attr = table[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    if not isinstance(name, str) or (name not in table and ":" not in name):
+        raise ModelMissing(f"{kind}.backend must be one of {', '.join(sorted(table))} (or module:Class), not {name!r}")
+    module, _, attr = table.get(name, name).partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelMissing(f"{kind}.backend {name!r} cannot be imported: {exc}") from exc
 
 
 def build_captioner(section: dict[str, Any]) -> Captioner:

@@ -67,6 +67,32 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_CAPTION_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "recaption-cogvlm.yaml"
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from captioners.recaption import caption_output
+    from schemas.recaption import load_recaption_config
+
+    cfg = load_recaption_config(args.config or DEFAULT_CAPTION_CONFIG)
+    if args.workers:
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workers": args.workers})})
+    from tqdm import tqdm
+
+    with tqdm(unit="part", dynamic_ncols=True, file=sys.stderr) as bar:
+        summary = caption_output(args.shards, cfg, use_ray=not args.no_ray,
+                                 progress=lambda r: bar.update(1) or bar.set_postfix(rows=r.rows, refresh=False))
+    _print(json.dumps(summary.to_dict(), indent=1))
+    return 1 if summary.failed else 0
+
+
+def _cmd_tiny_models(args: argparse.Namespace) -> int:
+    from captioners.tiny import build_tiny_models
+
+    _print(json.dumps({k: str(v) for k, v in build_tiny_models(Path(args.dir)).items()}, indent=1))
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from pipelines.stack import up
 
@@ -114,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, help="override run.workers")
         p.add_argument("--no-ray", action="store_true", help="process in this process, one shard at a time")
         p.set_defaults(func=lambda a, mode=name: _cmd_run(a, mode))
+    p = sub.add_parser("caption",
+                       help="machine captions (a VLM in English, then Chinese): a sidecar set beside shards/")
+    p.add_argument("--shards", required=True, help="a `t2i curate` output (local folder, s3:// or gs://)")
+    p.add_argument("--config", help="caption YAML (configs/recaption-*.yaml); default: configs/recaption-cogvlm.yaml")
+    p.add_argument("--workers", type=int, help="override run.workers (parts in flight)")
+    p.add_argument("--no-ray", action="store_true", help="run the models in this process, one part at a time")
+    p.set_defaults(func=_cmd_caption)
+    p = sub.add_parser("tiny-models", help="build the tiny random models that configs/recaption-tiny.yaml names")
+    p.add_argument("dir", nargs="?", default="tiny-models")
+    p.set_defaults(func=_cmd_tiny_models)
     p = sub.add_parser("train", help="train a Kolors-architecture model on curated shards; export a KolorsPipeline")
     p.add_argument("--shards", nargs="+", help="curate/analyze output folders (or parquet files); else the config's")
     p.add_argument("--out", required=True, help="run folder: checkpoints/, train-log.jsonl, model/ (resumes)")
@@ -155,7 +191,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user causes (config, input, output, services): one line, exit 2."""
     from pipelines.stack import StackError
     from tasks.lock import OutputLocked
-    from tasks.runner import RunAborted, RunConfigMismatch, SourceChangedSinceDone
+    from tasks.passes import RunAborted
+    from tasks.runner import RunConfigMismatch, SourceChangedSinceDone
 
     return (ConfigError, SourceError, OSError, OutputLocked, RunAborted, RunConfigMismatch, SourceChangedSinceDone,
             StackError)

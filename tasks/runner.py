@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from schemas.config import ConfigError, CurateConfig, config_differences
+from schemas.config import ConfigError, CurateConfig, RunConfig, config_differences
 from tasks.actors import pool_resources, pool_specs
 from tasks.card import write_card
 from tasks.cluster import cluster_address, ensure_ray
@@ -195,11 +195,7 @@ def open_run(source: str | Path, out: str | Path, cfg: CurateConfig, *, mode: st
     todo = plan_shards(store, shards, cfg)
     models = [s for s in build_signals(cfg.signals) if s.uses_actor and s.name not in skip]
     if todo and use_ray:  # join (or start) Ray before anything is written
-        if not ray.is_initialized() and cluster_address(cfg.run) is None:
-            watch_ray()  # before ray.init: a driver killed while Ray starts leaves nothing either
-            note_ray(out)  # the tag, for the next run, should the reaper itself be killed
-        ensure_ray(cfg.run, extra_cpus=pool_resources(pool_specs(models))[0])
-        note_ray(out)
+        join_ray(cfg.run, out, pool_resources(pool_specs(models))[0])
     guard_run_config(store, mode, cfg, str(source))
     sweep_uncommitted(store)  # attempts of killed runs (the lock says none is live)
     summary = RunSummary(mode, str(source), out, len(shards), len(shards) - len(todo))
@@ -208,6 +204,16 @@ def open_run(source: str | Path, out: str | Path, cfg: CurateConfig, *, mode: st
     if todo and use_ray:
         dispatcher.start()  # pools up (weights load) before any group: a failure here is the run's
     return RunContext(str(source), out, cfg, mode, todo, summary, dispatcher, store)
+
+
+def join_ray(run_cfg: RunConfig, out: str, pool_cpus: float) -> None:
+    """Join the cluster, or start a local runtime whose processes a killed driver does not leave
+    behind (tasks/lock.py tags them with the output)."""
+    if not ray.is_initialized() and cluster_address(run_cfg) is None:
+        watch_ray()  # before ray.init: a driver killed while Ray starts leaves nothing either
+        note_ray(out)  # the tag, for the next run, should the reaper itself be killed
+    ensure_ray(run_cfg, extra_cpus=pool_cpus)
+    note_ray(out)
 
 
 def run(

@@ -26,6 +26,9 @@ class CaptionConfig(BaseModel):
     machine_probability: float = Field(0.5, ge=0.0, le=1.0)
     dropout: float = Field(0.05, ge=0.0, le=1.0)  # probability of "" (unconditional)
     synthetic_column: str = "synthetic"  # bool column; True rows always use original_column
+    # The caption set (`t2i caption`'s output.name) whose sidecars give a curated output's machine
+    # captions, joined by row; a part without a current sidecar trains on what its shard holds.
+    sidecar_set: str | None = "captions"
 
     @property
     def machine_column(self) -> str | None:

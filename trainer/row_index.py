@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,38 @@ def _entry_files(entry: str) -> list[str]:
     return [store.url(e.rel) for e in store.list("", ".parquet")]
 
 
+def sidecar_files(files: list[str], set_name: str | None) -> list[str | None]:
+    """Per shard file, the caption sidecar of the same part (tasks/sidecar.py), or None: no set, the
+    file is not a curated part, or the part changed since it was captioned (a warning says to run
+    ``t2i caption`` again; its rows train on their own captions meanwhile)."""
+    if not set_name:
+        return [None] * len(files)
+    out: list[str | None] = []
+    done: dict[str, dict[str, dict]] = {}  # output root -> part stem -> manifest entry
+    for f in files:
+        root, sep, name = f.rpartition("/shards/")
+        if not sep or "/" in name:
+            out.append(None)
+            continue
+        if root not in done:
+            store = open_store(root)
+            done[root] = {e.rel.rsplit("/", 1)[-1].removesuffix(".json"): json.loads(store.read_bytes(e.rel))
+                          for e in store.list(f"{set_name}/_manifest", ".json")}
+        stem = name.removesuffix(".parquet")
+        entry = done[root].get(stem)
+        if entry is None:
+            out.append(None)
+            continue
+        size = open_store(root).info(f"shards/{name}")
+        if size is None or entry.get("part", {}).get("size") != size.size:
+            log.warning("the %s sidecar of %s is stale (the part changed since it was captioned): run t2i caption "
+                        "again; its rows train on their own captions meanwhile", set_name, f)
+            out.append(None)
+            continue
+        out.append(f"{root}/{entry['file']}")
+    return out
+
+
 def canonical(path: str) -> str:
     """How a file is named in the index: an object-store URL as it is, a local path resolved (so
     DuckDB's ``filename`` and the listing agree)."""
@@ -109,6 +142,7 @@ class RowIndex:
     group_file: np.ndarray  # per global row group: its file, its number in the file, its first row
     group_number: np.ndarray
     group_start: np.ndarray
+    sidecars: list[str | None] = field(default_factory=list)  # per file: its caption sidecar, if current
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -175,7 +209,9 @@ class RowIndex:
         if table.num_rows == 0:
             raise ValueError(f"no row of {len(files)} shard files passes select={cfg.select} "
                              f"min_short_side={cfg.min_short_side}")
-        return cls._from_table(files, table, _group_rows(con, files))
+        index = cls._from_table(files, table, _group_rows(con, files))
+        index.sidecars = sidecar_files(files, cfg.caption.sidecar_set)
+        return index
 
     @classmethod
     def _from_table(cls, files: list[str], table: pa.Table, group_rows: dict[str, list[int]]) -> RowIndex:

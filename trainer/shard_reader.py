@@ -54,23 +54,42 @@ def open_parquet(path: str, **kwargs: Any) -> pq.ParquetFile:
 
 class _GroupCursor:
     """One row group read front to back in record batches of CHUNK_ROWS rows (of a local file, or
-    fetched from an object store as the batches need them)."""
+    fetched from an object store as the batches need them). With a caption sidecar (row for row
+    the part, group for group: tasks/sidecar.py), its columns are read in step and take the
+    place of the part's own."""
 
-    def __init__(self, path: str, number: int, columns: list[str]):
+    def __init__(self, path: str, number: int, columns: list[str], sidecar: str | None = None,
+                 sidecar_columns: tuple[str, ...] = ()):
         self.file = open_parquet(path, buffer_size=READ_BUFFER)
-        present = set(self.file.schema_arrow.names)
         self.num_rows = self.file.metadata.row_group(number).num_rows
-        self._batches = self.file.iter_batches(batch_size=CHUNK_ROWS, row_groups=[number], use_threads=False,
-                                               columns=[c for c in columns if c in present])
+        self.side = open_parquet(sidecar) if sidecar else None
+        beside = [c for c in sidecar_columns if self.side is not None and c in self.side.schema_arrow.names]
+        self._batches = self._open(self.file, number, [c for c in columns if c not in beside])
+        self._side = self._open(self.side, number, ["key", *beside]) if beside else None
+        self.sidecar = sidecar
         self.next_row = 0  # first row of the group not read yet
+
+    @staticmethod
+    def _open(file: pq.ParquetFile, number: int, columns: list[str]) -> Any:
+        present = set(file.schema_arrow.names)
+        return file.iter_batches(batch_size=CHUNK_ROWS, row_groups=[number], use_threads=False,
+                                 columns=[c for c in columns if c in present])
 
     def read(self) -> pa.RecordBatch:
         batch = next(self._batches)
+        if self._side is not None:
+            side = next(self._side)
+            if side.column("key") != batch.column("key"):
+                raise RuntimeError(f"{self.sidecar} is not row for row its part; run t2i caption again")
+            for name in side.schema.names[1:]:
+                batch = batch.append_column(name, side.column(name))
         self.next_row += batch.num_rows
         return batch
 
     def close(self) -> None:
         self.file.close()
+        if self.side is not None:
+            self.side.close()
 
 
 class ShardReader:
@@ -115,7 +134,10 @@ class ShardReader:
         if cursor is None or cursor.next_row > rows[need[0] - lo]:
             if cursor is not None:
                 cursor.close()
-            cursor = _GroupCursor(ix.files[ix.group_file[g]], int(ix.group_number[g]), self.columns)
+            f = int(ix.group_file[g])
+            sidecar = ix.sidecars[f] if ix.sidecars else None
+            machine = (self.caption.machine_column,) if self.caption.machine_column else ()
+            cursor = _GroupCursor(ix.files[f], int(ix.group_number[g]), self.columns, sidecar, machine)
             self.stats["opens"] += 1
         wanted, last = set(need.tolist()), rows[need[-1] - lo]
         while cursor.next_row <= last:

@@ -1,0 +1,301 @@
+"""A pass over a curated output's parts that writes sidecar Parquet files: the shards are never rewritten.
+
+Layout, under the curated output (a local folder or an object-store prefix)::
+
+    {set}/{part}.parquet            one per part of shards/: key plus the stages' columns, row for row
+    {set}/_manifest/{part}.json     written last: this part is done (rows, errors, the part's size)
+    {set}/_partial/{part}/gNNNNN.parquet   one per row group of a part in progress: a kill loses at most one
+    {set}/_run.json                 what makes the set (model, prompt, ...): a rerun that differs is refused
+
+A sidecar has the part's keys in the part's order and row groups of the part's sizes, so a reader
+of row group g of a part reads row group g of its sidecar (the trainer does), and DuckDB joins
+them ``USING (key)``. Every row read is written: a row a stage failed on has nulls and the error.
+
+A rerun skips parts whose manifest entry matches the part as it is now; a part a later
+``t2i curate`` added is done; a part that changed (recurated, or rewritten by the key pass) is
+done again; a sidecar whose part is gone is removed, so a glob of ``{set}/*.parquet`` matches the
+shards. The pass holds the output's lock (tasks/lock.py), as curation does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.config import ConfigError, DecodeConfig, RunConfig, StorageConfig, config_differences
+from tasks.actors import ItemError, ModelFailing, Pools, Resources, call_splitting_on_oom, infer_on_pool
+from tasks.decode import describe
+from tasks.shards import committed_files
+from tasks.stage import Stage
+from tasks.storage import Store, as_store
+
+log = logging.getLogger(__name__)
+
+PART_MANIFEST = "_manifest"
+PARTIAL = "_partial"
+SET_STAMP = "_run.json"
+ERROR_FIELD = pa.field("caption_error", pa.string())
+
+# As in curation (tasks/chain.py): a stage fails the pass only past these counts, so one poison
+# image in a small part is that row's error, not a broken model.
+MIN_ERRORS_TO_FAIL = 3
+MIN_TRIED_TO_FAIL = 10
+
+
+class SetChanged(ConfigError):
+    """The set's folder holds output made with other settings: a rerun would mix two sets."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: Stage
+    resources: Resources
+    request_rows: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class SidecarPass:
+    """One kind of pass: its set's folder, its stages in order, and what defines the set."""
+
+    name: str
+    stages: tuple[StagePlan, ...]
+    definition: dict[str, Any]  # stamped; a rerun that differs here is refused
+    error_field: pa.Field = ERROR_FIELD
+    run: RunConfig = field(default_factory=RunConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([pa.field("key", pa.string()), *(f for p in self.stages for f in p.stage.writes),
+                          self.error_field])
+
+    def reads(self) -> list[str]:
+        """The part's columns a pass reads (an earlier stage's columns come from the stage)."""
+        written = {f.name for p in self.stages for f in p.stage.writes}
+        return ["key", *dict.fromkeys(c for p in self.stages for c in p.stage.reads if c not in written)]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One committed part of ``shards/``; ``shard_id`` is its file stem (the dispatcher's unit id)."""
+
+    shard_id: str
+    rel: str
+    size: int
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"rel": self.rel, "size": self.size}
+
+
+@dataclass
+class PartResult:
+    shard_id: str
+    rows: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # per stage
+    file: str = ""
+    part: dict[str, Any] = field(default_factory=dict)
+    resumed_groups: int = 0  # row groups taken from an earlier attempt's checkpoints
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def list_parts(store: Store) -> list[Part]:
+    """The committed parts of ``shards/``, by name (the manifest's list on an object store)."""
+    parts = []
+    root = store.url()
+    for url in committed_files(store, "shards"):
+        rel = url.removeprefix(root).lstrip("/") if url.startswith(root) else url
+        info = store.info(rel)
+        if info is None:
+            continue
+        parts.append(Part(rel.rsplit("/", 1)[-1].removesuffix(".parquet"), rel, info.size))
+    return sorted(parts, key=lambda p: p.shard_id)
+
+
+def guard_set(store: Store, spec: SidecarPass, *, write: bool) -> None:
+    """Refuse a set made with other settings, naming them; stamp a new set (``write``)."""
+    rel = f"{spec.name}/{SET_STAMP}"
+    if store.exists(rel):
+        before = json.loads(store.read_bytes(rel))
+        differ = config_differences(before, spec.definition)
+        if differ:
+            raise SetChanged(
+                f"{store.url(spec.name)} holds a set made with other settings ({', '.join(differ)} differ); "
+                f"set output.name to a new set name to write a second set beside it, or remove "
+                f"{store.url(spec.name)} to start over")
+    elif write:
+        store.write_bytes(rel, json.dumps(spec.definition, indent=1, sort_keys=True).encode())
+
+
+def plan_parts(store: Store, spec: SidecarPass, parts: list[Part]) -> list[Part]:
+    """The parts to do. A sidecar whose part is gone or changed is removed first (a changed part
+    is then done again), so the set never holds rows of a part as it was before."""
+    current = {p.shard_id: p for p in parts}
+    done = set()
+    for entry in store.list(f"{spec.name}/{PART_MANIFEST}", ".json"):
+        stem = entry.rel.rsplit("/", 1)[-1].removesuffix(".json")
+        recorded = json.loads(store.read_bytes(entry.rel))
+        if stem in current and recorded.get("part") == current[stem].identity:
+            done.add(stem)
+            continue
+        why = "is no longer in shards/" if stem not in current else "changed since it was done"
+        log.warning("part %s %s: its %s sidecar is removed%s", stem, why, spec.name,
+                    " and made again" if stem in current else "")
+        store.delete(entry.rel)  # the entry first: a kill between the two leaves a file no entry names
+        store.delete(f"{spec.name}/{stem}.parquet")
+        store.delete_tree(f"{spec.name}/{PARTIAL}/{stem}")
+    return [p for p in parts if p.shard_id not in done]
+
+
+def process_part(part: Part, pools: Pools | None, spec: SidecarPass, out: str,
+                 progress: Callable[[int], None] | None = None) -> PartResult:
+    """One part: every row group through the stages (or from its checkpoint), then the sidecar,
+    then its manifest entry (the commit)."""
+    started = time.perf_counter()
+    store = as_store(out, spec.storage)
+    result = PartResult(part.shard_id, part=part.identity)
+    pf = pq.ParquetFile(store.open_input_file(part.rel))
+    columns = [c for c in spec.reads() if c in pf.schema_arrow.names]
+    counts = _Counts()
+    tables = []
+    for g in range(pf.metadata.num_row_groups):
+        keys = pf.read_row_group(g, columns=["key"]).column("key")
+        ckpt = f"{spec.name}/{PARTIAL}/{part.shard_id}/g{g:05d}.parquet"
+        table = _checkpoint(store, ckpt, keys, spec.schema)
+        if table is None:
+            table = run_stages(pf.read_row_group(g, columns=columns), spec, pools, counts)
+            store.write_parquet(ckpt, table, max(1, table.num_rows))
+        else:
+            result.resumed_groups += 1
+            counts.add_table(table, spec)
+        tables.append(table)
+        if progress:
+            progress(table.num_rows)
+    result.rows = sum(t.num_rows for t in tables)
+    if result.rows != pf.metadata.num_rows:
+        raise RuntimeError(f"{part.rel}: {pf.metadata.num_rows} rows read but {result.rows} written")
+    result.file = f"{spec.name}/{part.shard_id}.parquet"
+    _write_groups(store, result.file, tables, spec.schema)
+    result.errors = dict(counts.failed)
+    result.seconds = round(time.perf_counter() - started, 3)
+    store.write_bytes(f"{spec.name}/{PART_MANIFEST}/{part.shard_id}.json", json.dumps(result.to_dict()).encode())
+    store.delete_tree(f"{spec.name}/{PARTIAL}/{part.shard_id}")
+    return result
+
+
+def _checkpoint(store: Store, rel: str, keys: pa.ChunkedArray, schema: pa.Schema) -> pa.Table | None:
+    """An earlier attempt's row group, if it is whole and for these very keys (else redone)."""
+    if not store.exists(rel):
+        return None
+    try:
+        table = pq.read_table(store.open_input_file(rel))
+    except Exception:  # a torn or foreign file: do the group again
+        return None
+    if table.schema != schema or table.column("key").to_pylist() != keys.to_pylist():
+        return None
+    return table
+
+
+def _write_groups(store: Store, rel: str, tables: list[pa.Table], schema: pa.Schema) -> None:
+    """One row group per part row group, so row group g of the sidecar is row group g of the part."""
+    with store.writer(rel) as fh:
+        writer = pq.ParquetWriter(fh, schema, compression="zstd")
+        for table in tables:
+            if table.num_rows:
+                writer.write_table(table, row_group_size=table.num_rows)
+        writer.close()
+
+
+class _Counts:
+    """Per stage: rows tried and failed in this part, to tell a broken model from bad rows."""
+
+    def __init__(self) -> None:
+        self.tried: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.first: dict[str, str] = {}
+
+    def fail(self, stage: str, error: str) -> str:
+        self.failed[stage] += 1
+        self.first.setdefault(stage, error)
+        return f"{stage}: {error}"
+
+    def add_table(self, table: pa.Table, spec: SidecarPass) -> None:
+        for error in table.column(spec.error_field.name).to_pylist():
+            if error:
+                stage = error.split(":", 1)[0]
+                self.failed[stage] += 1
+                self.tried[stage] += 1
+
+    def check(self, limit: float) -> None:
+        for stage, failed in self.failed.items():
+            tried = self.tried[stage]
+            if failed >= MIN_ERRORS_TO_FAIL and tried >= MIN_TRIED_TO_FAIL and failed > limit * tried:
+                raise ModelFailing(
+                    f"stage {stage} failed on {failed} of the {tried} rows it ran on so far in this part (more than "
+                    f"run.max_signal_error_fraction {limit:g}); its first error: {self.first[stage]}")
+
+
+def run_stages(batch: pa.Table, spec: SidecarPass, pools: Pools | None, counts: _Counts) -> pa.Table:
+    """One row group through every stage: a row a stage fails on keeps nulls from there on and
+    its error; the others go on to the next stage."""
+    rows = batch.to_pylist()
+    values: list[dict[str, Any]] = [{"key": r["key"]} for r in rows]
+    errors: list[str | None] = [None] * len(rows)
+    for plan in spec.stages:
+        stage = plan.stage
+        todo = [i for i in range(len(rows)) if errors[i] is None and stage.wants({**rows[i], **values[i]})]
+        prepared, ready = [], []
+        for i in todo:
+            try:
+                prepared.append(stage.prepare({**rows[i], **values[i]}))
+                ready.append(i)
+            except Exception as exc:
+                errors[i] = counts.fail(stage.name, describe(exc))
+        counts.tried[stage.name] += len(todo)
+        results = (infer_on_pool(pools[stage.name], prepared, plan.request_rows) if pools is not None
+                   else infer_here(stage, prepared, plan.batch_size))
+        for i, res in zip(ready, results, strict=True):
+            if isinstance(res, ItemError):
+                errors[i] = counts.fail(stage.name, res.error)
+            else:
+                values[i].update(res)
+    counts.check(spec.run.max_signal_error_fraction)
+    for v, e in zip(values, errors, strict=True):
+        v[spec.error_field.name] = e
+    return pa.Table.from_pylist(values, schema=spec.schema)
+
+
+_LOADED: dict[str, Stage] = {}
+
+
+def infer_here(stage: Stage, inputs: list[Any], batch_size: int) -> list[dict[str, Any] | ItemError]:
+    """Without Ray (tests, ``--no-ray``): the stage's model in this process, loaded once; a batch
+    that raises is done row by row, so one bad row is that row's error."""
+    key = f"{type(stage).__qualname__}:{json.dumps(stage.params.model_dump(mode='json'), sort_keys=True)}"
+    model = _LOADED.setdefault(key, stage)
+    model.ensure_setup()
+    out: list[dict[str, Any] | ItemError] = []
+    for i in range(0, len(inputs), batch_size):
+        chunk = inputs[i : i + batch_size]
+        try:
+            out += call_splitting_on_oom(model.infer, chunk)
+        except Exception:
+            for item in chunk:
+                try:
+                    out += model.infer([item])
+                except Exception as exc:
+                    out.append(ItemError(describe(exc)))
+    return out
