@@ -104,7 +104,8 @@ class Captioner:
 
     def prompt_for(self, request: CaptionRequest) -> str:
         """The prompt with the OCR hint filled in (or left out)."""
-        hint = OCR_HINT.format(ocr_text=request.ocr_text.strip()) if request.ocr_text and request.ocr_text.strip() else ""
+        ocr = (request.ocr_text or "").strip()
+        hint = OCR_HINT.format(ocr_text=ocr) if ocr else ""
         return self.params.prompt.replace("{ocr_hint}", hint)
 
     @property

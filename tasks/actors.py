@@ -325,12 +325,18 @@ def _infer_one(handles: list[Any], item: Any) -> Result:
 
 
 def _cause_text(exc: Exception) -> str:
-    """The model's own error (``ValueError: ...``), not Ray's traceback wrapper; the first line
-    of anything else."""
+    """The model's own error (``ValueError: ...``), not Ray's traceback wrapper; for an actor whose
+    start failed, the last line of the traceback Ray kept (the error its constructor raised); the
+    first line of anything else."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException):
         return f"{type(cause).__name__}: {cause}"
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if "creation task" in lines[0] and len(lines) > 1:
+        return lines[-1].strip()
+    return lines[0]
 
 
 def _ready_actor(handles: list[Any], timeout_s: float | None = None) -> Any:

@@ -182,8 +182,10 @@ def process_part(part: Part, pools: Pools | None, spec: SidecarPass, out: str,
             result.resumed_groups += 1
             counts.add_table(table, spec)
         tables.append(table)
+        counts.check(spec.run.max_signal_error_fraction)
         if progress:
             progress(table.num_rows)
+    counts.check(spec.run.max_signal_error_fraction, whole_part=True)
     result.rows = sum(t.num_rows for t in tables)
     if result.rows != pf.metadata.num_rows:
         raise RuntimeError(f"{part.rel}: {pf.metadata.num_rows} rows read but {result.rows} written")
@@ -239,10 +241,13 @@ class _Counts:
                 self.failed[stage] += 1
                 self.tried[stage] += 1
 
-    def check(self, limit: float) -> None:
+    def check(self, limit: float, *, whole_part: bool = False) -> None:
+        """Mid-part, only once a stage has run on MIN_TRIED_TO_FAIL rows; at the end of a part (before
+        its sidecar is written) whatever it ran on, so small parts cannot hide a broken model."""
         for stage, failed in self.failed.items():
             tried = self.tried[stage]
-            if failed >= MIN_ERRORS_TO_FAIL and tried >= MIN_TRIED_TO_FAIL and failed > limit * tried:
+            enough = whole_part or tried >= MIN_TRIED_TO_FAIL
+            if failed >= MIN_ERRORS_TO_FAIL and enough and failed > limit * tried:
                 raise ModelFailing(
                     f"stage {stage} failed on {failed} of the {tried} rows it ran on so far in this part (more than "
                     f"run.max_signal_error_fraction {limit:g}); its first error: {self.first[stage]}")
@@ -272,7 +277,6 @@ def run_stages(batch: pa.Table, spec: SidecarPass, pools: Pools | None, counts: 
                 errors[i] = counts.fail(stage.name, res.error)
             else:
                 values[i].update(res)
-    counts.check(spec.run.max_signal_error_fraction)
     for v, e in zip(values, errors, strict=True):
         v[spec.error_field.name] = e
     return pa.Table.from_pylist(values, schema=spec.schema)

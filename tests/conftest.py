@@ -54,7 +54,7 @@ def ray_runtime():
     ``tasks.runner.ensure_ray`` would size it."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,  # tests' own modules too:
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(Path(__file__).parent)}})
     yield ray
     ray.shutdown()
