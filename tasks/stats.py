@@ -7,6 +7,7 @@ are fetched). Only committed parts are counted (tasks/shards.py).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,53 @@ def compute_stats(out: str | Path, storage: StorageConfig | None = None) -> dict
             f"SELECT reason, count(*) n FROM {reject_src} GROUP BY reason ORDER BY n DESC, reason").fetchall())
     total = stats["kept"] + stats["rejected"]
     stats["kept_fraction"] = round(stats["kept"] / total, 4) if total else None
+    stats["caption_sets"] = {name: _caption_set(con, store, name, stats["kept"]) for name in caption_sets(store)}
     return stats
+
+
+# Per caption set: what share of the rows got a caption, and what went wrong (tasks/sidecar.py);
+# figure -> (the column it needs, its SQL). A set made without a translator has no Chinese columns.
+CAPTION_FIGURES = {
+    "rows": ("key", "count(*)"),
+    "captioned": ("recaption_en", "count(recaption_en)"),
+    "errors": ("caption_error", "count(caption_error)"),
+    "truncated": ("caption_truncated", "count(*) FILTER (WHERE caption_truncated)"),
+    "repetitive": ("caption_repetitive", "count(*) FILTER (WHERE caption_repetitive)"),
+    "mean_caption_tokens": ("caption_tokens", "avg(caption_tokens)"),
+    "translated": ("recaption_zh", "count(recaption_zh)"),
+    "translate_truncated": ("translate_truncated", "count(*) FILTER (WHERE translate_truncated)"),
+    "spans_lost": ("spans_kept", "count(*) FILTER (WHERE spans_kept = false)"),
+    "mean_translate_tokens": ("translate_tokens", "avg(translate_tokens)"),
+}
+
+
+def caption_sets(store: Store) -> list[str]:
+    """The sidecar sets of an output: folders beside shards/ with a set stamp."""
+    from pyarrow import fs as pafs
+
+    from tasks.sidecar import SET_STAMP
+
+    found = store.fs.get_file_info(pafs.FileSelector(store.path(), recursive=False, allow_not_found=True))
+    names = sorted(f.base_name for f in found if f.type == pafs.FileType.Directory)
+    return [n for n in names if n not in ("shards", "rejects") and not n.startswith("_") and
+            store.exists(f"{n}/{SET_STAMP}")]
+
+
+def _caption_set(con: duckdb.DuckDBPyConnection, store: Store, name: str, kept: int) -> dict[str, Any]:
+
+    from tasks.sidecar import PART_MANIFEST
+
+    files = [store.url(json.loads(store.read_bytes(e.rel))["file"])
+             for e in store.list(f"{name}/{PART_MANIFEST}", ".json")]
+    if not files:
+        return {"rows": 0, "of_kept": 0.0}
+    src = "read_parquet([" + ", ".join(map(_literal, files)) + "], union_by_name=true)"
+    have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+    figures = {k: sql for k, (column, sql) in CAPTION_FIGURES.items() if column in have}
+    row = con.execute(f"SELECT {', '.join(figures.values())} FROM {src}").fetchone()
+    out = dict(zip(figures, row, strict=True))
+    out["of_kept"] = round(out["rows"] / kept, 4) if kept else None  # below 1: parts not captioned yet
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -107,6 +154,9 @@ def format_stats(stats: dict[str, Any]) -> str:
     if stats["buckets"]:
         lines.append("\nbuckets (w x h: rows):")
         lines.append("  " + ", ".join(f"{b['bucket']}: {b['rows']}" for b in stats["buckets"]))
+    for name, figures in stats.get("caption_sets", {}).items():
+        lines.append(f"\ncaption set {name}:")
+        lines.append("  " + "   ".join(f"{k}: {_fmt(v)}" for k, v in figures.items()))
     return "\n".join(lines)
 
 
@@ -126,4 +176,7 @@ def format_markdown(stats: dict[str, Any]) -> str:
     if stats["buckets"]:
         lines += ["", "## Buckets", "", "| bucket | rows |", "| --- | --- |"]
         lines += [f"| {b['bucket']} | {b['rows']} |" for b in stats["buckets"]]
+    for name, figures in stats.get("caption_sets", {}).items():
+        lines += ["", f"## Caption set `{name}`", "", "| " + " | ".join(figures) + " |", "|" + " --- |" * len(figures),
+                  "| " + " | ".join(_fmt(v) for v in figures.values()) + " |"]
     return "\n".join(lines) + "\n"

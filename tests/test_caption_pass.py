@@ -21,12 +21,14 @@ import pytest
 import yaml
 from conftest import PHOTOS
 
+from captioners import CAPTIONERS, TRANSLATORS
 from captioners.recaption import caption_output
 from schemas.config import ConfigError, CurateConfig
-from schemas.recaption import RecaptionConfig
+from schemas.recaption import RecaptionConfig, load_recaption_config
 from tasks.passes import NotCurated, RunAborted
 from tasks.runner import run
 from tasks.sidecar import SetChanged
+from tasks.stats import compute_stats
 from trainer.data import CaptionConfig, DataConfig, RowIndex, make_loader, make_sampler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -262,6 +264,9 @@ def test_a_row_the_model_raises_on_gets_its_error_and_the_pass_goes_on(tmp_path:
     assert bad["recaption_en"] is None and bad["recaption_zh"] is None
     assert bad["caption_error"] == "recaption: ValueError: cannot caption 'photo 3 of 故宫'"
     assert all(r["recaption_zh"] and r["caption_error"] is None for k, r in rows.items() if k != "0003")
+    figures = compute_stats(out)["caption_sets"]["captions"]
+    assert (figures["rows"], figures["captioned"], figures["errors"], figures["translated"]) == (12, 11, 1, 11)
+    assert figures["of_kept"] == 1.0
 
 
 def test_a_model_failing_on_most_rows_fails_the_pass_loudly_and_commits_nothing(tmp_path: Path, ray_runtime) -> None:
@@ -313,3 +318,11 @@ def test_quoted_text_and_nouns_survive_translation_or_the_row_is_flagged(tmp_pat
                         output={"name": "lossy"})
     caption_output(out, RecaptionConfig.model_validate(lossy), use_ray=False)
     assert all(r["spans_kept"] is False for r in sidecar_rows(out, "lossy").values())
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("recaption-*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_caption_config_validates(path: Path) -> None:
+    cfg = load_recaption_config(path)
+    assert cfg.captioner["backend"] in CAPTIONERS and cfg.translator["backend"] in TRANSLATORS
+    assert Path(cfg.captioner["path"]).is_absolute()
+    assert cfg.set_definition()["captioner"]["model"].startswith(cfg.captioner["backend"] + ":")
