@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
@@ -30,6 +30,11 @@ from tasks.runner import run
 from tasks.sidecar import SetChanged
 from tasks.stats import compute_stats
 from trainer.data import CaptionConfig, DataConfig, RowIndex, make_loader, make_sampler
+
+if TYPE_CHECKING:  # importing it at run time would load it before pytest registers it as a plugin
+    from s3_server import S3Bucket
+
+pytest_plugins = ["s3_server"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = yaml.safe_load((ROOT / "configs" / "recaption-tiny.yaml").read_text())
@@ -326,3 +331,36 @@ def test_every_shipped_caption_config_validates(path: Path) -> None:
     assert cfg.captioner["backend"] in CAPTIONERS and cfg.translator["backend"] in TRANSLATORS
     assert Path(cfg.captioner["path"]).is_absolute()
     assert cfg.set_definition()["captioner"]["model"].startswith(cfg.captioner["backend"] + ":")
+
+
+def test_a_curated_output_on_s3_gets_the_same_sidecars_as_a_local_one(tmp_path: Path, s3: S3Bucket,
+                                                                      ray_runtime) -> None:
+    from test_s3_curate import connect, upload
+
+    out = curate(tmp_path, 12)
+    (out / "_lock").unlink()  # the local run's lock file: on S3 it would read as another run's lease
+    url = upload(out, s3, "curated")
+    keys = {"endpoint_url": s3.endpoint_url, "region": s3.region, "access_key_id": s3.access_key,
+            "secret_access_key": s3.secret_key}
+    remote = caption_output(url, RecaptionConfig.model_validate(fake_config(storage=keys)))
+    local = caption_output(out, RecaptionConfig.model_validate(fake_config()), use_ray=False)
+    assert (remote.parts_done, remote.rows) == (local.parts_done, local.rows) == (2, 12)
+    joined = connect(s3).sql(f"SELECT key, recaption_zh FROM '{url}/shards/*.parquet' "
+                             f"JOIN '{url}/captions/*.parquet' USING (key) ORDER BY key").fetchall()
+    assert joined == sorted((k, r["recaption_zh"]) for k, r in sidecar_rows(out).items())
+    again = caption_output(url, RecaptionConfig.model_validate(fake_config(storage=keys)))
+    assert again.parts_skipped == 2 and again.parts_done == 0
+    assert secret_free(s3, keys["secret_access_key"])
+
+
+def secret_free(s3: S3Bucket, secret: str) -> bool:
+    """No object of the bucket holds the secret key (the set's stamp dumps it as ******)."""
+    fs = s3.filesystem()
+    from pyarrow import fs as pafs
+
+    for info in fs.get_file_info(pafs.FileSelector(s3.path(""), recursive=True)):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as fh:
+                if secret.encode() in fh.read():
+                    return False
+    return True
