@@ -1,5 +1,6 @@
 """`make demo`: build a small img2dataset-style sample from photos that registry packages
-ship, curate it, and print the stats. Nothing is downloaded."""
+ship, curate it and recaption it (tiny random models, built offline), and print the stats.
+Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -50,9 +51,23 @@ def build_sample(dest: Path) -> Path:
     return dest
 
 
+def tiny_caption_config(root: Path) -> Path:
+    """configs/recaption-tiny.yaml with its models built under ``root`` and named by absolute path."""
+    from captioners.tiny import build_tiny_models
+
+    models = build_tiny_models(root / "tiny-models")
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "recaption-tiny.yaml").read_text())
+    cfg["captioner"]["path"] = str(models["qwen2-vl"])
+    cfg["translator"]["path"] = str(models["marian-ct2"])
+    path = root / "recaption-tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Start the local stack, run `prefect deployment run curate/laion` on the sample, wait,
-    print the stats; the server stays up so the run can be looked at in the UI."""
+    """Start the local stack, run `prefect deployment run curate/laion` on the sample (curation,
+    then machine captions with the tiny models), wait, print the stats; the server stays up so the
+    run can be looked at in the UI."""
     from pipelines.stack import prefect_env, up
     from t2i.cli import main as t2i
 
@@ -61,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo sample: {source}")
     stack = up()
     out = root / "curated"
+    captions = tiny_caption_config(root)
     cmd = [str(Path(sys.executable).with_name("prefect")), "deployment", "run", "curate/laion",
-           "--param", f"source={source}", "--param", f"out={out}", "--watch", "--watch-timeout", "900"]
+           "--param", f"source={source}", "--param", f"out={out}", "--param", f"caption_config={captions}",
+           "--watch", "--watch-timeout", "900"]
     print("$", " ".join(cmd[1:]))
     code = subprocess.run(cmd, env=prefect_env(stack.api_url), stdout=subprocess.DEVNULL).returncode
     print(f"flow run {'completed' if code == 0 else 'FAILED'}\n")

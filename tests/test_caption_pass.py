@@ -364,3 +364,19 @@ def secret_free(s3: S3Bucket, secret: str) -> bool:
                 if secret.encode() in fh.read():
                     return False
     return True
+
+
+def test_the_readme_caption_queries_run_on_a_captioned_output(tmp_path: Path) -> None:
+    from test_readme_queries import readme_block
+
+    out = curate(tmp_path, 12)
+    caption_output(out, RecaptionConfig.model_validate(fake_config({"fail_on_caption": "photo 5 "})), use_ray=False)
+    queries = [q.strip() for q in readme_block("machine captions next to the originals").split(";") if "SELECT" in q]
+    assert len(queries) == 2
+    con = duckdb.connect()
+    side_by_side, per_model = (con.sql(q.replace("'out/", f"'{out}/")).fetchall() for q in queries)
+    rows = sidecar_rows(out)
+    assert len(side_by_side) == 10 and all(zh == rows[k]["recaption_zh"] for k, _, zh, _ in side_by_side)
+    # the row the model raised on has no caption and so no model: it groups apart, with its error
+    assert sorted(per_model, key=str) == sorted([(rows["0000"]["caption_model"], 11, 0, 0, 0), (None, 1, 1, 0, 0)],
+                                                key=str)
