@@ -182,6 +182,21 @@ class Dispatcher:
             self._remote = ray.remote(self.work).options(
                 num_cpus=1, max_retries=self.ray_retries, retry_exceptions=self.ray_retries > 0)
 
+    def batch_counts(self) -> dict[str, dict[str, int]]:
+        """Per pool, the model batches its live actors ran and how many of them merged requests of
+        several tasks (an actor that restarted counts from its restart)."""
+        counts: dict[str, dict[str, int]] = {}
+        for name, handles in (self.pools or {}).items():
+            done = [0, 0]
+            for h in handles:
+                try:
+                    batches, merged = ray.get(h.batch_counts.remote(), timeout=10)
+                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                    continue
+                done = [done[0] + batches, done[1] + merged]
+            counts[name] = {"batches": done[0], "merged": done[1]}
+        return counts
+
     def close(self) -> None:
         if self.pools:
             stop_pools(self.pools)

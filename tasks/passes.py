@@ -44,6 +44,7 @@ class PassSummary:
     errors: dict[str, int] = field(default_factory=dict)  # per stage, this run
     resumed_groups: int = 0
     set_rows: int = 0  # the whole set's rows after the run (earlier runs' parts included)
+    model_batches: dict[str, dict[str, int]] = field(default_factory=dict)  # per stage: batches, merged
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)  # part -> error
 
@@ -103,6 +104,7 @@ def run_pass(out: str | Path, spec: SidecarPass, *, use_ray: bool = True, comman
 
         try:
             summary.failed.update(dispatcher.run_shards(todo, finished))
+            summary.model_batches = dispatcher.batch_counts()
         finally:
             dispatcher.close()
     summary.set_rows = _set_rows(store, spec.name)

@@ -88,6 +88,9 @@ def test_tiny_models_through_ray_into_sidecars_duckdb_and_the_trainer(tmp_path: 
     summary = caption_output(out, RecaptionConfig.model_validate(tiny_config(tiny)))
     assert (summary.parts_total, summary.parts_done, summary.rows, summary.set_rows) == (3, 3, 14, 14)
     assert summary.errors == {} and summary.failed == {}
+    recaption = summary.model_batches["recaption"]  # rows 14, requests of 4 rows from each row group of 4 or 2
+    assert 14 / TINY["stages"]["recaption"]["batch_size"] <= recaption["batches"] <= 14
+    assert recaption["merged"] <= recaption["batches"]
 
     for part in sorted((out / "shards").glob("*.parquet")):  # one sidecar per part, row for row, group for group
         side = pq.ParquetFile(out / "captions" / part.name)
@@ -380,3 +383,20 @@ def test_the_readme_caption_queries_run_on_a_captioned_output(tmp_path: Path) ->
     # the row the model raised on has no caption and so no model: it groups apart, with its error
     assert sorted(per_model, key=str) == sorted([(rows["0000"]["caption_model"], 11, 0, 0, 0), (None, 1, 1, 0, 0)],
                                                 key=str)
+
+
+def test_the_rows_ocr_text_reaches_the_captioner_and_stays_verbatim_in_chinese(tmp_path: Path) -> None:
+    out = curate(tmp_path, 6)
+    part = next((out / "shards").glob("*.parquet"))
+    table = pq.read_table(part)
+    ocr = ["春节快乐", None, "SALE 50%", "", "故宫", "Hello “world”"]
+    pq.write_table(table.append_column("ocr_text", pa.array(ocr, pa.string())), part, row_group_size=4)
+    caption_output(out, RecaptionConfig.model_validate(fake_config()), use_ray=False)
+    rows = [sidecar_rows(out)[k] for k in table.column("key").to_pylist()]
+    for r, text in zip(rows, ocr, strict=True):
+        if text:
+            assert f'with the text "{text}"' in r["recaption_en"]
+            assert text in r["recaption_zh"] and r["spans_kept"] is True
+        else:
+            assert "with the text" not in r["recaption_en"] and r["spans_kept"] is None
+    assert "“春节快乐”" in rows[0]["recaption_zh"]
