@@ -21,20 +21,12 @@ from captioners.base import CaptionRequest
 from schemas.config import DecodeConfig, Strict
 from schemas.recaption import ProtectConfig
 from tasks.decode import ImageSample
+from tasks.signals.arrays import fit_long_side
 from tasks.stage import Stage
 
 
 def prompt_hash(prompt: str) -> str:
     return hashlib.blake2b(prompt.encode(), digest_size=8).hexdigest()
-
-
-def fit_long_side(img: Image.Image, side: int) -> Image.Image:
-    """Shrink (never enlarge) so the long side is ``side``; the aspect ratio is kept."""
-    w, h = img.size
-    scale = side / max(w, h)
-    if scale >= 1:
-        return img
-    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
 
 
 class RecaptionParams(Strict):
@@ -66,12 +58,12 @@ class RecaptionStage(Stage):
         p, side = self.params.decode, self.captioner.params.image_side
         sample = ImageSample(row.get("image"), max_pixels=p.max_pixels, max_file_bytes=p.max_file_bytes,
                              decode_side=side)
-        img = fit_long_side(sample.decode(), side)
+        pixels = fit_long_side(np.asarray(sample.decode(), dtype=np.uint8), side)  # never enlarged
         caption = row.get("caption")
         limit = self.captioner.params.max_caption_chars
         caption = caption[:limit] if isinstance(caption, str) and limit else None
         ocr = row.get("ocr_text")
-        return np.asarray(img, dtype=np.uint8), caption, ocr if isinstance(ocr, str) else None
+        return pixels, caption, ocr if isinstance(ocr, str) else None
 
     def setup(self) -> None:
         self.captioner.check()
