@@ -1,11 +1,14 @@
-"""``python -m bench.run [--quick] [--only all|curate|flow|models|train]``: speed, scaling, memory,
-the flow without barriers, model signals, trainer.
+"""``python -m bench.run [--quick] [--only all|curate|flow|models|train|captions]``: speed, scaling,
+memory, the flow without barriers, model signals, trainer, the caption pass.
 
 ``--only curate`` is issue 2's four figures below; ``--only models`` is issue 3's, per model signal
 and the whole chain against a naive unfused loop (see bench/models.py); ``--only train`` is issue
 5's, the training loop's step time against a minimal diffusers loop and the data loader's
 samples/s per core (see bench/train.py); ``--only flow`` is the curate flow on 16 shards with
-one straggler against the sequential flow it replaced (see bench/flow.py, its own corpus). The
+one straggler against the sequential flow it replaced (see bench/flow.py, its own corpus);
+``--only captions`` is the caption pass's: the tiny captioner at batch 1 vs 8, the tiny Marian with
+transformers vs CTranslate2 int8 and float32, the pass's ms/row over reading the shards, in-process
+and on Ray, and public CogVLM figures sized to 10M images (see bench/captions.py, its own data). The
 others use the same synthetic corpus (see bench/corpus.py):
 
 - ``decode_images_per_s``: a bare full-size decode (open, load, RGB) of every image, one process.
@@ -43,7 +46,7 @@ import psutil
 import pyarrow as pa
 from PIL import Image
 
-from bench import flow, models
+from bench import captions, flow, models
 from bench.corpus import REPO, CorpusSpec, build_corpus
 from bench.memory import TreeSampler
 from schemas.config import CurateConfig
@@ -315,6 +318,8 @@ def print_table(results: dict[str, Any], header: str) -> None:
         flow.print_section(results["flow"])
     if "models" in results:
         models.print_section(results["models"])
+    if "captions" in results:
+        captions.print_section(results["captions"])
     if "train" in results:
         from bench import train  # already imported by the run that measured it
 
@@ -382,9 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-tar", type=int, help="samples per tar (default 500, quick 50)")
     parser.add_argument("--speedup-tars", type=int, help="tars for the 1 vs 2 workers runs (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed")
-    parser.add_argument("--only", choices=("all", "curate", "flow", "models", "train"), default="all",
+    parser.add_argument("--only", choices=("all", "curate", "flow", "models", "train", "captions"), default="all",
                         help="curate: issue 2's figures; flow: the flow vs the sequential one; models: issue 3's; "
-                        "train: issue 5's (default: all)")
+                        "train: issue 5's; captions: the caption pass's (default: all)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init; make sets it too
     plan = PLANS["quick" if args.quick else "full"]
@@ -396,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = CorpusSpec(samples=plan.large_samples, per_tar=plan.per_tar, seed=args.seed)
     phases: dict[str, float] = {}  # wall seconds per step, to see where a slow run went
     results: dict[str, Any] = {}
-    if args.only != "flow":  # the flow section builds its own corpus
+    if args.only not in ("flow", "captions"):  # those sections make their own data
         with phase(phases, "corpus", f"{spec.samples} samples in {spec.tars} tars under {BENCH_OUT}"):
             corpus = build_corpus(BENCH_OUT, spec)
         shards = discover(corpus, bench_config(1).source)
@@ -421,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
             results |= train.measure(corpus, shards[:1], plan.mode, plan.train_steps, plan.train_rounds,
                                      plan.loader_batches)
         results["train"]["machine"] = info
+    if args.only in ("all", "captions"):
+        with phase(phases, "captions", "tiny captioner and translators, then the caption pass in-process and on Ray"):
+            results |= captions.measure(plan.mode, BENCH_OUT / "captions")
+        results["captions"]["machine"] = info
     info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = {name: {"op": op, "value": value} for name, (op, value) in TARGETS.items() if name in results}
     results["passed"] = {name: passed(name, results[name]) for name in results["targets"]}
