@@ -19,6 +19,7 @@ import math
 import threading
 from typing import Any
 
+import ray
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -26,7 +27,9 @@ from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 
 from schemas.config import load_config
+from schemas.recaption import RecaptionConfig, load_recaption_config
 from tasks.card import write_card
+from tasks.cluster import cluster_address
 from tasks.dedupe import dedupe_keys
 from tasks.lock import output_lock
 from tasks.runner import RunAborted, RunContext, check_out_outside_source, check_run, open_run
@@ -39,28 +42,40 @@ class ShardsFailed(RuntimeError):
     """Some shards of a group failed after Ray's retries; Prefect retries the group."""
 
 
+class ProgressArtifact:
+    """A flow run's progress artifact: ``done`` of ``total`` as a percent (the caption flow's too)."""
+
+    def __init__(self, key: str, description: str, done: int, total: int):
+        self.done, self.total = done, total
+        self.id = create_progress_artifact(progress=self.percent(), key=key, description=description)
+
+    def percent(self) -> float:
+        return round(100.0 * self.done / self.total, 1) if self.total else 100.0
+
+    def update(self, done: int, total: int | None = None) -> None:
+        self.done, self.total = done, self.total if total is None else total
+        update_progress_artifact(self.id, progress=self.percent())
+
+
 class _Progress:
     """Rows done and left, in the logs and a progress artifact, after every shard."""
 
     def __init__(self, total_shards: int, done_before: int):
         self.lock = threading.Lock()  # groups report from their own threads
-        self.total, self.done, self.rows, self.kept = total_shards, done_before, 0, 0
+        self.rows, self.kept = 0, 0
         self.fresh = 0  # shards done in this run, for the rows-per-shard estimate
-        self.artifact = create_progress_artifact(progress=self.percent(), key="curate-progress",
-                                                 description="source shards done")
-
-    def percent(self) -> float:
-        return round(100.0 * self.done / self.total, 1) if self.total else 100.0
+        self.bar = ProgressArtifact("curate-progress", "source shards done", done_before, total_shards)
 
     def shard_done(self, rows: int, kept: int) -> None:
         with self.lock:
-            self.done, self.fresh = self.done + 1, self.fresh + 1
+            self.fresh += 1
             self.rows, self.kept = self.rows + rows, self.kept + kept
-            left = (self.total - self.done) * self.rows / self.fresh
-            update_progress_artifact(self.artifact, progress=self.percent())
+            self.bar.update(self.bar.done + 1)
+            left = (self.bar.total - self.bar.done) * self.rows / self.fresh
             get_run_logger().info(
                 "shards %d/%d (%.1f%%) | rows done %d (kept %d, rejected %d) | rows left ~%d",
-                self.done, self.total, self.percent(), self.rows, self.kept, self.rows - self.kept, math.ceil(left))
+                self.bar.done, self.bar.total, self.bar.percent(), self.rows, self.kept, self.rows - self.kept,
+                math.ceil(left))
 
 
 @task(name="curate-shard-group", persist_result=False, cache_policy=NO_CACHE)
@@ -102,20 +117,47 @@ def _groups(shards: list[SourceShard], size: int) -> list[list[SourceShard]]:
 
 @flow(name="curate", log_prints=True)
 def curate(source: str, out: str, config: str | None = None, mode: str = "curate",
-           shards_per_task: int = 64) -> State:
+           shards_per_task: int = 64, caption_config: str | None = None) -> State:
     """Curate ``source`` into ``out`` (``mode="analyze"``: every signal, no rule). Holds the
-    output's lock for the whole flow run, so a second run on ``out`` refuses at start."""
+    output's lock for the whole curation, so a second run on ``out`` refuses at start. With
+    ``caption_config`` (configs/recaption-*.yaml), a curation that succeeded is then captioned
+    (pipelines/caption.py) in this flow run; a failed caption pass fails the flow run."""
     cfg = load_config(config)  # a bad config fails here, before any work
+    captions = _caption_config(caption_config)  # and so does a caption config or a model folder missing
     # and so does resuming `out` with another config, or a run already working on it
     check_run(source, out, cfg, mode)
     shards = discover(source, cfg.source, cfg.storage)
     check_out_outside_source(source, out, shards)
+    ray_ours = not ray.is_initialized() and cluster_address(cfg.run) is None
     with output_lock(out, f"prefect flow curate --source {source}", storage=cfg.storage):
         run = open_run(source, out, cfg, mode=mode, shards=shards, ray_retries=0)
         try:
-            return _curate_groups(run, cfg.run.task_retries, shards_per_task)
+            state = _curate_groups(run, cfg.run.task_retries, shards_per_task)
         finally:
             run.dispatcher.close()
+    if captions is None or not state.is_completed():
+        return state
+    from pipelines.caption import caption_state  # late: it imports this module
+
+    if ray_ours and ray.is_initialized():  # sized for curation's pools: the pass starts one sized for its own
+        ray.shutdown()
+    captioned = caption_state(out, captions)
+    if not captioned.is_completed():  # curation stays done: a rerun skips it and captions what is left
+        return Failed(message=f"{state.message}; the caption pass failed: {captioned.message}")
+    return Completed(message=f"{state.message}; {captioned.message}",
+                     data={**state.result(), "captions": captioned.result()})
+
+
+def _caption_config(path: str | None) -> RecaptionConfig | None:
+    """The caption config, its model folders checked: a missing one fails before curation, not after."""
+    if path is None:
+        return None
+    from captioners.recaption import caption_pass
+
+    captions = load_recaption_config(path)
+    for plan in caption_pass(captions).stages:
+        plan.stage.check()
+    return captions
 
 
 def _curate_groups(run: RunContext, retries: int, shards_per_task: int) -> State:
