@@ -7,7 +7,10 @@ STAMP := $(VENV)/.setup-stamp
 HF_VENV := .venv-hf
 HF_STAMP := $(HF_VENV)/.setup-stamp
 PIP_QUIET := 2>&1 | { grep -vE "^WARNING: Location .* is ignored" || true; }
-CJK_FONT := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
+CJK_PACKAGES := fonts-noto-cjk fonts-noto-cjk-extra fonts-wqy-zenhei fonts-arphic-ukai fonts-arphic-uming
+CJK_FONTS := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc /usr/share/fonts/opentype/noto/NotoSansCJK-Light.ttc \
+	/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc /usr/share/fonts/truetype/arphic/ukai.ttc \
+	/usr/share/fonts/truetype/arphic/uming.ttc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -27,10 +30,11 @@ $(HF_STAMP): requirements-hf.txt
 
 $(STAMP): requirements.txt requirements.lock pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11)"; exit 1; }
-	@test -f $(CJK_FONT) || { echo "installing Debian's fonts-noto-cjk (Chinese OCR tests, synthetic text)"; \
-	  $(SUDO) apt-get install -y -q --no-install-recommends fonts-noto-cjk >/dev/null || \
-	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends fonts-noto-cjk >/dev/null; } || \
-	  { echo "need $(CJK_FONT): apt-get install fonts-noto-cjk"; exit 1; }; }
+	@missing=""; for f in $(CJK_FONTS); do test -f $$f || missing="$$missing $$f"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian's CJK fonts (OCR tests, synthetic text):$$missing"; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends $(CJK_PACKAGES) >/dev/null || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends $(CJK_PACKAGES) >/dev/null; } || \
+	  { echo "need$$missing: apt-get install $(CJK_PACKAGES)"; exit 1; }; fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	set -o pipefail; $(BIN)/pip install -q -r requirements.txt -c requirements.lock $(PIP_QUIET)
 	set -o pipefail; $(BIN)/pip install -q --no-deps rapidocr==3.10.0 mediapipe==0.10.21 $(PIP_QUIET)

@@ -27,6 +27,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from synth_text.config import SynthConfig
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -46,6 +48,7 @@ class SourceConfig(Strict):
     # so a later run redoes it once the file is fixed); "salvage" keeps the rows before the
     # break and adds one source_unreadable reject row standing for the rest.
     unreadable: Literal["fail", "salvage"] = "fail"
+    synth: SynthConfig | None = Field(None, description="the synthetic text source (t2i synth) renders with these")
     changed: Literal["refuse", "recurate"] = Field(
         "refuse",
         description="a rerun that finds a source shard recorded as done changed since (size or modification "

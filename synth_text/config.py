@@ -62,6 +62,8 @@ class SynthConfig(BaseModel):
     jpeg_quality: int = Field(92, ge=1, le=100)
     max_cer: float = Field(0.1, ge=0.0, le=1.0, description="OCR character error rate above which a sample is dropped")
     words_per_shard: int = Field(500, ge=1)
+    photos_from: str | None = Field(None, description="a curated output whose shards give the photo backgrounds")
+    photo_count: int = Field(64, ge=1, le=4096, description="photos taken from it (decoded once per worker)")
 
     @field_validator("sizes")
     @classmethod

@@ -86,6 +86,21 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from synth_text.pipeline import pass_rates, synth_config, synthesize
+
+    cfg = synth_config(args.config, words=args.words, per_word=args.per_word, seed=args.seed)
+    if args.workers:
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workers": args.workers})})
+    bar = _ProgressBar()
+    try:
+        summary = synthesize(args.out, cfg, use_ray=not args.no_ray, progress=bar)
+    finally:
+        bar.close()
+    _print(json.dumps({**summary.to_dict(), "pass_rates": pass_rates(args.out, cfg.storage)}, indent=1))
+    return 1 if summary.failed else 0
+
+
 def _cmd_tiny_models(args: argparse.Namespace) -> int:
     from captioners.tiny import build_tiny_models
 
@@ -147,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="override run.workers (parts in flight)")
     p.add_argument("--no-ray", action="store_true", help="run the models in this process, one part at a time")
     p.set_defaults(func=_cmd_caption)
+    p = sub.add_parser("synth", help="images of the most frequent Chinese words, rendered and read back by OCR")
+    p.add_argument("--out", required=True, help="output folder or s3:// / gs:// prefix (a curated output's layout)")
+    p.add_argument("--words", type=int, help="the top N words (default 50000, or the config's synth.words)")
+    p.add_argument("--per-word", type=int, help="images per word (default 1)")
+    p.add_argument("--seed", type=int, help="the seed every choice follows from (default 0)")
+    p.add_argument("--config", help="synth YAML: synth:, ocr:, output:, run:, storage: sections")
+    p.add_argument("--workers", type=int, help="override run.workers")
+    p.add_argument("--no-ray", action="store_true", help="render in this process, one shard at a time")
+    p.set_defaults(func=_cmd_synth)
     p = sub.add_parser("tiny-models", help="build the tiny random models that configs/recaption-tiny.yaml names")
     p.add_argument("dir", nargs="?", default="tiny-models")
     p.set_defaults(func=_cmd_tiny_models)

@@ -106,7 +106,7 @@ class Chain:
                 decode_side=self.decode_side,
                 color=self.color,
             )
-            row.sample = Sample(row.key, row.caption, image, row.meta)
+            row.sample = Sample(row.key, row.caption, image, row.meta, row.values)  # the same dict, as it fills
         except DecodeError as exc:
             row.reject(exc.reason, exc.detail)
         except Exception as exc:

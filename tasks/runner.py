@@ -170,7 +170,7 @@ class OutputInsideSource(ConfigError):
 def check_out_outside_source(source: str | Path, out: str | Path, shards: list[SourceShard]) -> None:
     """A folder or Parquet source is every image or .parquet below it, the output's included: refuse
     an output inside it (a tar source ignores the output's .parquet files, so it may hold one)."""
-    if not shards or shards[0].kind == "webdataset":
+    if not shards or shards[0].kind in ("webdataset", "synth"):
         return
     src, dst = location(source), location(out)
     if dst == src or dst.startswith(src.rstrip("/") + "/"):

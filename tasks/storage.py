@@ -403,4 +403,6 @@ def as_store(location: Store | str | Path, storage: StorageConfig | None = None)
 def location(where: str | Path) -> str:
     """A source or output as recorded (stamp, manifest): an object-store URL as given, a local
     path made absolute."""
+    if str(where).startswith("synth:"):  # the synthetic source (tasks/sources/synth.py): no place on disk
+        return str(where)
     return str(where).rstrip("/") if is_remote(where) else str(Path(where).resolve())

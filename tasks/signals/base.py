@@ -8,7 +8,7 @@ signals, and their rules, before expensive ones) and the pixel size it needs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -41,6 +41,9 @@ class Sample:
     caption: str | None
     image: ImageSample
     meta: str | None = None  # the source's JSON object for the row (img2dataset's sidecar), as text
+    # The values earlier (cheaper) signals gave this row: a signal may compare with them (the
+    # legibility of a rendered text needs the OCR reading).
+    values: dict[str, Any] = field(default_factory=dict)
 
 
 class Signal:

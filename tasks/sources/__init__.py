@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 
 from schemas.config import SourceConfig, StorageConfig
-from tasks.sources import folder, parquet, webdataset
+from tasks.sources import folder, parquet, synth, webdataset
 from tasks.sources.base import DEFAULT_MAX_MEMBER_BYTES, Listing, SourceError, SourceShard, list_source, stat
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ _READERS: dict[str, Callable[[SourceShard, SourceConfig, int, StorageConfig | No
     "webdataset": webdataset.read,
     "parquet": parquet.read,
     "folder": folder.read,
+    "synth": synth.read,
 }
 
 
@@ -79,5 +80,7 @@ def fingerprint(shard: SourceShard, storage: StorageConfig | None = None) -> dic
     the times come from the listing (whole seconds on S3)."""
     if shard.kind == "folder":
         return folder.fingerprint(shard, storage)
+    if shard.kind == "synth":
+        return synth.fingerprint(shard)
     size, mtime_ns = stat(shard.path, storage)
     return {"size": size, "mtime_ns": mtime_ns}
