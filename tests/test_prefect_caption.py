@@ -1,6 +1,7 @@
 """`prefect deployment run caption/sidecars` (and `curate/laion` with `caption_config`) against a
 real Prefect server and process worker (the stack of tests/test_prefect_flow.py), with the tiny
-random models (captioners/tiny.py): sidecars per part, artifacts, a missing model failing the run."""
+random models (captioners/tiny.py): sidecars per part, artifacts, a missing model failing the run; and
+`synth/words` on the same stack."""
 
 from __future__ import annotations
 
@@ -113,3 +114,18 @@ def test_a_missing_captioner_folder_fails_the_run_naming_it_and_writes_nothing(t
     assert latest.state.is_failed() and f"{missing} does not exist" in latest.state.message, latest.state.message
     assert "Traceback" not in latest.state.message
     assert not (out / "captions").exists()
+
+
+def test_synth_deployment_renders_words_and_reports_pass_rates(tmp_path: Path, stack) -> None:
+    """`prefect deployment run synth/words` (on this module's server: one stack for both flows)."""
+    _, _, env = stack
+    (tmp_path / "s.yaml").write_text(json.dumps({"synth": {"words_per_shard": 3, "sizes": [[512, 512]]}}))
+    result = deployment_run(env, f"out={tmp_path / 'out'}", "words=6", f"config={tmp_path / 's.yaml'}",
+                            name="synth/words")
+    assert result.returncode == 0 and "Completed" in result.stdout, result.stdout[-2000:]
+    latest, artifacts = latest_run(env)
+    kept, rejected = (int(x) for x in latest.state.message.removeprefix("kept ").split(", rejected "))
+    assert kept + rejected == 6 and kept > 0
+    assert len(list((tmp_path / "out" / "shards").glob("*.parquet"))) == 2
+    assert "## per layout" in artifacts["synth-pass-rates"].data
+    assert artifacts["synth-progress"].data == 100.0
