@@ -64,6 +64,8 @@ def test_synth_renders_reads_back_and_accounts_for_every_image_deterministically
         assert all(line in r["caption"] for line in r["rendered_text"].split("\n"))  # the caption names the text
         boxes = json.loads(r["text_boxes"])
         assert len(boxes) == len(r["rendered_text"].split("\n")) and all(len(b) == 4 for b in boxes)
+        chars = json.loads(r["char_boxes"])
+        assert len(chars) == len(r["rendered_text"].replace("\n", "")) and all(len(b) == 4 for b in chars)
         assert (r["width"], r["height"]) in ((512, 512), (768, 512)) and r["bucket_width"] > 0
         assert r["text_cer"] <= 0.1
     rejected = duckdb.sql(f"SELECT reason, rendered_text, ocr_text, text_cer FROM '{tmp_path}/a/rejects/*.parquet'"

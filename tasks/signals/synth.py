@@ -37,6 +37,7 @@ class Synth(Signal):
         pa.field("synth_layout", pa.string()),
         pa.field("synth_background", pa.string()),
         pa.field("text_boxes", pa.string()),  # JSON: per line, its 4 corners in pixels
+        pa.field("char_boxes", pa.string()),  # JSON: per character, its 4 corners in pixels
     )
     ranges: ClassVar[Ranges] = {"font_size": (1, None)}
 
@@ -44,10 +45,10 @@ class Synth(Signal):
         r = rendering(sample)
         if r is None:
             return {"synthetic": False, "rendered_text": None, "font": None, "font_size": None,
-                    "synth_layout": None, "synth_background": None, "text_boxes": None}
+                    "synth_layout": None, "synth_background": None, "text_boxes": None, "char_boxes": None}
         return {"synthetic": True, "rendered_text": r["text"], "font": r.get("font"), "font_size": r.get("font_size"),
                 "synth_layout": r.get("layout"), "synth_background": r.get("background"),
-                "text_boxes": json.dumps(r.get("line_boxes"))}
+                "text_boxes": json.dumps(r.get("line_boxes")), "char_boxes": json.dumps(r.get("char_boxes"))}
 
 
 SIGNAL = Synth
