@@ -32,6 +32,7 @@ from tasks.card import write_card
 from tasks.cluster import cluster_address
 from tasks.dedupe import dedupe_keys
 from tasks.lock import output_lock
+from tasks.report import report_link, write_report
 from tasks.runner import RunAborted, RunContext, check_out_outside_source, check_run, open_run
 from tasks.shards import Manifest, sweep_uncommitted
 from tasks.sources import SourceShard, discover
@@ -99,7 +100,8 @@ def curate_group(run: RunContext, shards: list[SourceShard], progress: _Progress
 
 @task(name="finalize", persist_result=False, cache_policy=NO_CACHE)
 def finalize(run: RunContext) -> dict[str, Any]:
-    """Leftovers of attempts swept, one cross-shard key pass, then the stats table as an artifact."""
+    """Leftovers of attempts swept, one cross-shard key pass, then the stats table as an artifact, and
+    ``out/report.html`` (tasks/report.py) with an artifact linking it."""
     out = run.out
     sweep_uncommitted(run.store)
     moved = dedupe_keys(run.store)
@@ -108,6 +110,16 @@ def finalize(run: RunContext) -> dict[str, Any]:
     stats["duplicates_moved"] = moved
     create_markdown_artifact(markdown=format_markdown(stats), key="curate-summary",
                              description=f"curation summary of {out}")
+    try:  # the curation is done whatever happens here: a report that fails is said, not a failed run
+        report = write_report(out, run.cfg.storage)
+    except Exception as exc:
+        get_run_logger().warning("the report was not written: %s: %s", type(exc).__name__, exc)
+    else:
+        create_markdown_artifact(markdown=f"# Curation report\n\n[{report}]({report_link(report)}): counts, reject "
+                                 "reasons with thumbnails, signal histograms with the rules' bounds, buckets, kept "
+                                 "images, machine captions\n", key="curate-report",
+                                 description=f"curation report of {out}")
+        stats["report"] = report
     return stats
 
 

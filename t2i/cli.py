@@ -67,6 +67,21 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tasks.report import NotAnOutput, write_report
+    from tasks.storage import is_remote
+
+    if not is_remote(args.out) and not Path(args.out).is_dir():
+        print(f"error: no such output folder: {args.out}", file=sys.stderr)
+        return 2
+    try:
+        _print(write_report(args.out))  # on an object store: endpoint and keys from the environment / ~/.aws
+    except NotAnOutput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 DEFAULT_CAPTION_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "recaption-cogvlm.yaml"
 
 
@@ -192,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder or s3:// prefix")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_stats)
+    p = sub.add_parser("report", help="DIR/report.html: what was kept and what each rule removed, with thumbnails")
+    p.add_argument("out", help="output folder or s3:// prefix")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
