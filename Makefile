@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 HF_VENV := .venv-hf
 HF_STAMP := $(HF_VENV)/.setup-stamp
+TOOLS_VENV := .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.setup-stamp
 PIP_QUIET := 2>&1 | { grep -vE "^WARNING: Location .* is ignored" || true; }
+BROWSER := /usr/bin/chromium
 CJK_PACKAGES := fonts-noto-cjk fonts-noto-cjk-extra fonts-wqy-zenhei fonts-arphic-ukai fonts-arphic-uming
 CJK_FONTS := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc /usr/share/fonts/opentype/noto/NotoSansCJK-Light.ttc \
 	/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc /usr/share/fonts/truetype/arphic/ukai.ttc \
@@ -20,7 +23,13 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup demo test lint bench bench-quick lock clean
 
-setup: $(STAMP) $(HF_STAMP)
+setup: $(STAMP) $(HF_STAMP) $(TOOLS_STAMP)
+
+# Label Studio in a venv of its own (its Django pins clash with ours): the grading round trip test starts it.
+$(TOOLS_STAMP): requirements-tools.txt
+	test -x $(TOOLS_VENV)/bin/python || $(PY) -m venv $(TOOLS_VENV)
+	set -o pipefail; $(TOOLS_VENV)/bin/pip install -q -r requirements-tools.txt $(PIP_QUIET)
+	touch $(TOOLS_STAMP)
 
 # Hugging Face datasets in a venv of its own (its pyarrow/numpy clash with ours): loads outputs in tests.
 $(HF_STAMP): requirements-hf.txt
@@ -35,6 +44,10 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 	  $(SUDO) apt-get install -y -q --no-install-recommends $(CJK_PACKAGES) >/dev/null || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends $(CJK_PACKAGES) >/dev/null; } || \
 	  { echo "need$$missing: apt-get install $(CJK_PACKAGES)"; exit 1; }; fi
+	@test -x $(BROWSER) || { echo "installing Debian's chromium (the grading page and report tests drive it headless)"; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends chromium >/dev/null || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends chromium >/dev/null; } || \
+	  { echo "need $(BROWSER): apt-get install chromium"; exit 1; }; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	set -o pipefail; $(BIN)/pip install -q -r requirements.txt -c requirements.lock $(PIP_QUIET)
 	set -o pipefail; $(BIN)/pip install -q --no-deps rapidocr==3.10.0 mediapipe==0.10.21 $(PIP_QUIET)
@@ -65,4 +78,4 @@ lock: setup
 	rm requirements.lock.new
 
 clean:
-	rm -rf $(VENV) $(HF_VENV) demo-out bench-out bench-results.json
+	rm -rf $(VENV) $(HF_VENV) $(TOOLS_VENV) demo-out bench-out bench-results.json
