@@ -4,6 +4,13 @@
 44 bytes a row), so it stays small when the shards do not; images are read later, by
 trainer/shard_reader.py, as batches need them. Shards may be local or on S3 (``s3://``, endpoint and
 keys from the environment), read through DuckDB's httpfs here.
+
+``select`` may also bound a column of a sidecar set (tasks/sidecar.py) of a curated output entry,
+e.g. ``{quality_level: {min: 4}}`` from the grade pass or a caption column: a column no shard has
+is looked for in the sets beside ``shards/`` (folders with a ``_run.json``), and the set that
+has it is LEFT JOINed by (part, key) from its committed, current sidecars only (as
+``sidecar_files`` finds them). A row without a sidecar row reads NULL and fails the bound. Two
+sets with the column are ambiguous: name it ``set.column`` (``grades.quality_level``).
 """
 
 from __future__ import annotations
@@ -86,8 +93,9 @@ def sidecar_files(files: list[str], set_name: str | None) -> list[str | None]:
             continue
         size = open_store(root).info(f"shards/{name}")
         if size is None or entry.get("part", {}).get("size") != size.size:
-            log.warning("the %s sidecar of %s is stale (the part changed since it was captioned): run t2i caption "
-                        "again; its rows train on their own captions meanwhile", set_name, f)
+            log.warning("the %s sidecar of %s is stale (the part changed since its pass ran): run the pass (t2i "
+                        "caption for captions) again; meanwhile its rows read NULL there and train on their own "
+                        "captions", set_name, f)
             out.append(None)
             continue
         out.append(f"{root}/{entry['file']}")
@@ -124,6 +132,62 @@ def _group_rows(con: duckdb.DuckDBPyConnection, files: list[str]) -> dict[str, l
 
 def _quote(column: str) -> str:
     return '"' + column.replace('"', '""') + '"'
+
+
+def sidecar_sets(files: list[str]) -> list[str]:
+    """The sidecar sets beside the curated outputs ``files`` belong to: folders holding a ``_run.json``."""
+    import pyarrow.fs as pafs
+
+    names: set[str] = set()
+    for root in dict.fromkeys(f.rpartition("/shards/")[0] for f in files if "/shards/" in f):
+        store = open_store(root)
+        found = store.fs.get_file_info(pafs.FileSelector(store.path(), allow_not_found=True))
+        for info in found:
+            name = info.path.rstrip("/").rsplit("/", 1)[-1]
+            if info.type == pafs.FileType.Directory and store.exists(f"{name}/_run.json"):
+                names.add(name)
+    return sorted(names)
+
+
+def _join_sidecars(con: duckdb.DuckDBPyConnection, files: list[str], src: str, wanted: list[str], available: str,
+                   params: dict) -> str:
+    """``src`` with the ``wanted`` columns of the sidecar sets LEFT JOINed on (part, key); a column
+    ``set.column`` names its set. Adds the sidecar lists to ``params``; returns the relation."""
+    sets: dict[str, tuple[list[str], list[str], list[str]]] = {}  # set -> its shards, sidecars, columns
+    for name in sidecar_sets(files):
+        pairs = [(f, s) for f, s in zip(files, sidecar_files(files, name), strict=True) if s is not None]
+        if not pairs:
+            continue
+        found = con.execute("DESCRIBE SELECT * FROM read_parquet($f, union_by_name=true)",
+                            {"f": [s for _, s in pairs]}).fetchall()
+        sets[name] = ([f for f, _ in pairs], [s for _, s in pairs],
+                      [r[0] for r in found if r[0] not in ("key", "filename", "file_row_number")])
+    by_set: dict[str, list[tuple[str, str]]] = {}  # set -> (column in the set, name in select)
+    for col in wanted:
+        named = [(n, col[len(n) + 1:]) for n in sets if col.startswith(f"{n}.") and col[len(n) + 1:] in sets[n][2]]
+        if named:
+            by_set.setdefault(named[0][0], []).append((named[0][1], col))
+            continue
+        having = [name for name, (_, _, cols) in sets.items() if col in cols]
+        if len(having) > 1:
+            raise ValueError(f"data.select: column {col!r} is in the sidecar sets {having}: name one, e.g. "
+                             f"{having[0] + '.' + col!r}")
+        if not having:
+            extra = "; ".join(f"{n}: {', '.join(c)}" for n, (_, _, c) in sets.items())
+            raise ValueError(f"data.select: unknown column {col!r}; the shards have: {available}"
+                             + (f"; the sidecar sets have: {extra}" if extra else ""))
+        by_set.setdefault(having[0], []).append((col, col))
+    joins, picked = [], []
+    for i, (name, cols) in enumerate(by_set.items()):
+        shards, sidecars, _ = sets[name]
+        params[f"sc{i}"], params[f"sh{i}"] = sidecars, shards
+        inner = ", ".join(f"c.{_quote(c)} AS {_quote(alias)}" for c, alias in cols)
+        joins.append(f"LEFT JOIN (SELECT m.shard, c.key, {inner} "
+                     f"FROM read_parquet($sc{i}, filename=true, union_by_name=true) c "
+                     f"JOIN (SELECT unnest($sc{i}) AS sidecar, unnest($sh{i}) AS shard) m ON c.filename = m.sidecar) "
+                     f"j{i} ON s.filename = j{i}.shard AND s.key = j{i}.key")
+        picked += [f"j{i}.{_quote(alias)}" for _, alias in cols]
+    return f"(SELECT s.*, {', '.join(picked)} FROM {src} s {' '.join(joins)})"
 
 
 @dataclass(eq=False)
@@ -182,11 +246,14 @@ class RowIndex:
         src = "read_parquet($files, filename=true, file_row_number=true, union_by_name=true)"
         columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {src}", {"files": files}).fetchall()]
         available = ", ".join(c for c in columns if c not in ("filename", "file_row_number"))
-        for col in ["key", "width", "height", *cfg.select]:
+        for col in ["key", "width", "height"]:
             if col not in columns:
-                what = "select: unknown column" if col in cfg.select else "the shards lack the column"
-                raise ValueError(f"data.{what} {col!r}; the shards have: {available}")
+                raise ValueError(f"data.the shards lack the column {col!r}; the shards have: {available}")
         where, params = ["width IS NOT NULL", "height IS NOT NULL"], {"files": files}
+        selected = src
+        wanted = [c for c in cfg.select if c not in columns]
+        if wanted:
+            selected = _join_sidecars(con, files, src, wanted, available, params)
         for i, (col, bounds) in enumerate(cfg.select.items()):
             for op, value, name in ((">=", bounds.min, f"lo{i}"), ("<=", bounds.max, f"hi{i}")):
                 if value is not None:
@@ -196,7 +263,7 @@ class RowIndex:
             where.append("least(width, height) >= $short")
             params["short"] = cfg.min_short_side
         buckets = ", ".join(c if c in columns else f"NULL::INTEGER AS {c}" for c in ("bucket_width", "bucket_height"))
-        query = (f"SELECT filename, file_row_number, key, width, height, {buckets} FROM {src} "
+        query = (f"SELECT filename, file_row_number, key, width, height, {buckets} FROM {selected} "
                  f"WHERE {' AND '.join(where)}")
         try:
             table = con.sql(query, params=params).to_arrow_table()
