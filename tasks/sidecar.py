@@ -157,9 +157,10 @@ def plan_parts(store: Store, spec: SidecarPass, parts: list[Part]) -> list[Part]
         store.delete(entry.rel)  # the entry first: a kill between the two leaves a file no entry names
         store.delete(f"{spec.name}/{stem}.parquet")
         store.delete_tree(f"{spec.name}/{PARTIAL}/{stem}")
-    for entry in store.list(f"{spec.name}/{PARTIAL}", ".parquet", recursive=True):  # of parts gone since
+    # checkpoints of parts gone since, or done (a kill between a part's commit and its clean-up)
+    for entry in store.list(f"{spec.name}/{PARTIAL}", ".parquet", recursive=True):
         stem = entry.rel.split("/")[-2]
-        if stem not in current:
+        if stem not in current or stem in done:
             store.delete(entry.rel)
     return [p for p in parts if p.shard_id not in done]
 

@@ -189,8 +189,12 @@ def test_new_parts_are_captioned_alone_and_a_gone_part_loses_its_sidecar(tmp_pat
     orphan = out / "captions" / "_partial" / "lost-part" / "g00000.parquet"  # a part gone mid-pass
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"PAR1")
+    done = sorted((out / "shards").glob("*.parquet"))[-1].stem  # as a kill after its commit, before its clean-up
+    leftover = out / "captions" / "_partial" / done / "g00000.parquet"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"PAR1")
     caption_output(out, cfg, use_ray=False)
-    assert not orphan.exists()
+    assert not orphan.exists() and not leftover.exists()
     assert not (out / "captions" / gone.name).exists()
     assert not (out / "captions" / "_manifest" / f"{gone.stem}.json").exists()
     assert set(sidecar_rows(out)) == {k for f in (out / "shards").glob("*.parquet")
