@@ -158,10 +158,10 @@ def plan_parts(store: Store, spec: SidecarPass, parts: list[Part]) -> list[Part]
         store.delete(f"{spec.name}/{stem}.parquet")
         store.delete_tree(f"{spec.name}/{PARTIAL}/{stem}")
     # checkpoints of parts gone since, or done (a kill between a part's commit and its clean-up)
-    for entry in store.list(f"{spec.name}/{PARTIAL}", ".parquet", recursive=True):
-        stem = entry.rel.split("/")[-2]
+    stems = {e.rel.split("/")[-2] for e in store.list(f"{spec.name}/{PARTIAL}", ".parquet", recursive=True)}
+    for stem in stems:
         if stem not in current or stem in done:
-            store.delete(entry.rel)
+            store.delete_tree(f"{spec.name}/{PARTIAL}/{stem}")
     return [p for p in parts if p.shard_id not in done]
 
 

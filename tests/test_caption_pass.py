@@ -194,7 +194,7 @@ def test_new_parts_are_captioned_alone_and_a_gone_part_loses_its_sidecar(tmp_pat
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"PAR1")
     caption_output(out, cfg, use_ray=False)
-    assert not orphan.exists() and not leftover.exists()
+    assert not orphan.parent.exists() and not leftover.parent.exists()
     assert not (out / "captions" / gone.name).exists()
     assert not (out / "captions" / "_manifest" / f"{gone.stem}.json").exists()
     assert set(sidecar_rows(out)) == {k for f in (out / "shards").glob("*.parquet")
