@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="override run.workers")
     p.add_argument("--no-ray", action="store_true", help="render in this process, one shard at a time")
     p.set_defaults(func=_cmd_synth)
+    from t2i.grade_cli import add_parser as add_grade
+
+    add_grade(sub, _print)
     p = sub.add_parser("tiny-models", help="build the tiny random models that configs/recaption-tiny.yaml names")
     p.add_argument("dir", nargs="?", default="tiny-models")
     p.set_defaults(func=_cmd_tiny_models)

@@ -1,0 +1,93 @@
+"""`t2i grade ...`: sample for grading, the grading page, import of votes, the model that carries
+grades to the pool (tasks/grading/). Each subcommand prints JSON on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+Print = Callable[[str], None]
+
+
+def add_parser(sub: Any, say: Print) -> None:
+    grade = sub.add_parser("grade", help="five-level human grades: export a sample, grade it, carry grades to the pool")
+    cmds = grade.add_subparsers(dest="grade_command", required=True)
+
+    p = cmds.add_parser("export", help="a sample stratified by the signals, for the page and for Label Studio")
+    p.add_argument("--shards", required=True, help="a t2i curate output")
+    p.add_argument("--n", type=int, required=True, help="rows to draw (a later round draws new ones)")
+    p.add_argument("--out", required=True, help="the grading workspace (GDIR)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--uncertain", help="a previous round's predictions (the grades sidecar): half from the least sure")
+    p.set_defaults(func=lambda a: _export(a, say))
+
+    p = cmds.add_parser("serve", help="the grading page on 127.0.0.1 (keys 1-5 grade, arrows go back and forth)")
+    p.add_argument("gdir")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--votes", type=int, default=3, help="votes each image collects")
+    p.set_defaults(func=_serve)
+
+    p = cmds.add_parser("import", help="the page's votes and Label Studio JSON exports into GDIR/grades.parquet")
+    p.add_argument("gdir")
+    p.add_argument("--labelstudio", nargs="*", default=[], help="Label Studio JSON exports of the workspace's tasks")
+    p.set_defaults(func=lambda a: _import(a, say))
+
+    p = cmds.add_parser("fit", help="a model of the graded rows' levels over their signals, with held-out figures")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--grades", required=True, help="GDIR/grades.parquet (or the workspace)")
+    p.add_argument("--model", required=True, help="where the model goes (.npz: arrays only, no pickle)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=lambda a: _fit(a, say))
+
+    p = cmds.add_parser("predict", help="quality_level and its confidence for every row: a sidecar set (grades/)")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--set", default="grades", help="the sidecar set's name")
+    p.add_argument("--no-ray", action="store_true")
+    p.set_defaults(func=lambda a: _predict(a, say))
+
+
+def _export(args: argparse.Namespace, say: Print) -> int:
+    from tasks.grading.export import export_sample
+
+    done = export_sample(args.shards, args.n, args.out, seed=args.seed, uncertain=args.uncertain)
+    say(json.dumps({k: v for k, v in done.items() if k != "keys"} | {"drawn": len(done.get("keys", []))}, indent=1,
+                   default=str))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tasks.grading.server import run_server
+
+    run_server(args.gdir, port=args.port, votes_per_image=args.votes)
+    return 0
+
+
+def _import(args: argparse.Namespace, say: Print) -> int:
+    from tasks.grading.importer import grade_summary, import_grades
+
+    say(json.dumps(grade_summary(import_grades(args.gdir, args.labelstudio)), indent=1, default=str))
+    return 0
+
+
+def _fit(args: argparse.Namespace, say: Print) -> int:
+    from tasks.grading import GRADES
+    from tasks.grading.model import fit_grades
+
+    grades = Path(args.grades) / GRADES if Path(args.grades).is_dir() else args.grades
+    model = fit_grades(args.shards, grades, seed=args.seed)
+    path = model.save(args.model)
+    say(json.dumps({"model": str(path), "model_id": model.model_id, **asdict(model.report)}, indent=1, default=str))
+    return 0
+
+
+def _predict(args: argparse.Namespace, say: Print) -> int:
+    from tasks.grading.grade_pass import predict_pool
+
+    summary = predict_pool(args.shards, args.model, set_name=args.set, use_ray=not args.no_ray)
+    say(json.dumps(summary.to_dict(), indent=1))
+    return 1 if summary.failed else 0
