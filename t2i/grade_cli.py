@@ -13,6 +13,22 @@ from typing import Any
 Print = Callable[[str], None]
 
 
+def _as_user_error(fn: Callable[..., int]) -> Callable[..., int]:
+    """The grading modules' own errors (a bad sample request, an export of another project) are the
+    user's: one ``error:`` line and exit 2, as for a bad config."""
+    def wrapped(*args: Any) -> int:
+        from schemas.config import ConfigError
+        from tasks.grading.export import ExportError
+        from tasks.grading.importer import GradeImportError
+
+        try:
+            return fn(*args)
+        except (ExportError, GradeImportError) as exc:
+            raise ConfigError(str(exc)) from exc
+
+    return wrapped
+
+
 def add_parser(sub: Any, say: Print) -> None:
     grade = sub.add_parser("grade", help="five-level human grades: export a sample, grade it, carry grades to the pool")
     cmds = grade.add_subparsers(dest="grade_command", required=True)
@@ -51,6 +67,7 @@ def add_parser(sub: Any, say: Print) -> None:
     p.set_defaults(func=lambda a: _predict(a, say))
 
 
+@_as_user_error
 def _export(args: argparse.Namespace, say: Print) -> int:
     from tasks.grading.export import export_sample
 
@@ -67,6 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+@_as_user_error
 def _import(args: argparse.Namespace, say: Print) -> int:
     from tasks.grading.importer import grade_summary, import_grades
 
@@ -74,6 +92,7 @@ def _import(args: argparse.Namespace, say: Print) -> int:
     return 0
 
 
+@_as_user_error
 def _fit(args: argparse.Namespace, say: Print) -> int:
     from tasks.grading import GRADES
     from tasks.grading.model import fit_grades
@@ -85,6 +104,7 @@ def _fit(args: argparse.Namespace, say: Print) -> int:
     return 0
 
 
+@_as_user_error
 def _predict(args: argparse.Namespace, say: Print) -> int:
     from tasks.grading.grade_pass import predict_pool
 
