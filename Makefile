@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 HF_VENV := .venv-hf
 HF_STAMP := $(HF_VENV)/.setup-stamp
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.setup-stamp
 TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.setup-stamp
 PIP_QUIET := 2>&1 | { grep -vE "^WARNING: Location .* is ignored" || true; }
@@ -37,6 +39,13 @@ $(HF_STAMP): requirements-hf.txt
 	set -o pipefail; $(HF_VENV)/bin/pip install -q -r requirements-hf.txt $(PIP_QUIET)
 	touch $(HF_STAMP)
 
+# TextRecognitionDataGenerator for `make bench` (bench/synth.py runs it as a subprocess): its pins clash with ours.
+$(BENCH_STAMP): requirements-bench.txt
+	test -x $(BENCH_VENV)/bin/python || $(PY) -m venv $(BENCH_VENV)
+	set -o pipefail; $(BENCH_VENV)/bin/pip install -q -r requirements-bench.txt $(PIP_QUIET)
+	$(BENCH_VENV)/bin/python -c "import trdg.generators, PIL; print('bench venv ok: trdg, Pillow', PIL.__version__)"
+	touch $(BENCH_STAMP)
+
 $(STAMP): requirements.txt requirements.lock pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11)"; exit 1; }
 	@missing=""; for f in $(CJK_FONTS); do test -f $$f || missing="$$missing $$f"; done; \
@@ -66,10 +75,10 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
-bench: setup
+bench: setup $(BENCH_STAMP)
 	$(BIN)/python -m bench.run
 
-bench-quick: setup
+bench-quick: setup $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --quick
 
 lock: setup

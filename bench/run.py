@@ -1,5 +1,5 @@
-"""``python -m bench.run [--quick] [--only all|curate|flow|models|train|captions]``: speed, scaling,
-memory, the flow without barriers, model signals, trainer, the caption pass.
+"""``python -m bench.run [--quick] [--only all|curate|flow|models|train|captions|synth]``: speed, scaling,
+memory, the flow without barriers, model signals, trainer, the caption pass, synthetic text images.
 
 ``--only curate`` is issue 2's four figures below; ``--only models`` is issue 3's, per model signal
 and the whole chain against a naive unfused loop (see bench/models.py); ``--only train`` is issue
@@ -8,7 +8,9 @@ samples/s per core (see bench/train.py); ``--only flow`` is the curate flow on 1
 one straggler against the sequential flow it replaced (see bench/flow.py, its own corpus);
 ``--only captions`` is the caption pass's: the tiny captioner at batch 1 vs 8, the tiny Marian with
 transformers vs CTranslate2 int8 and float32, the pass's ms/row over reading the shards, in-process
-and on Ray, and public CogVLM figures sized to 10M images (see bench/captions.py, its own data). The
+and on Ray, and public CogVLM figures sized to 10M images (see bench/captions.py, its own data);
+``--only synth`` is ``t2i synth``'s: render + encode images/s at 512 and 1024, the OCR check's rows/s and
+pass rate, TextRecognitionDataGenerator beside it in its own venv (see bench/synth.py, its own data). The
 others use the same synthetic corpus (see bench/corpus.py):
 
 - ``decode_images_per_s``: a bare full-size decode (open, load, RGB) of every image, one process.
@@ -46,7 +48,7 @@ import psutil
 import pyarrow as pa
 from PIL import Image
 
-from bench import captions, flow, models
+from bench import captions, flow, models, synth
 from bench.corpus import REPO, CorpusSpec, build_corpus
 from bench.memory import TreeSampler
 from schemas.config import CurateConfig
@@ -69,6 +71,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "rss_growth_default": ("<=", 1.2),
     **flow.TARGETS,
     **models.TARGETS,
+    **synth.TARGETS,
 }
 
 
@@ -320,6 +323,8 @@ def print_table(results: dict[str, Any], header: str) -> None:
         models.print_section(results["models"])
     if "captions" in results:
         captions.print_section(results["captions"])
+    if "synth" in results:
+        synth.print_section(results["synth"])
     if "train" in results:
         from bench import train  # already imported by the run that measured it
 
@@ -387,9 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-tar", type=int, help="samples per tar (default 500, quick 50)")
     parser.add_argument("--speedup-tars", type=int, help="tars for the 1 vs 2 workers runs (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed")
-    parser.add_argument("--only", choices=("all", "curate", "flow", "models", "train", "captions"), default="all",
+    parser.add_argument("--only", choices=("all", "curate", "flow", "models", "train", "captions", "synth"),
+                        default="all",
                         help="curate: issue 2's figures; flow: the flow vs the sequential one; models: issue 3's; "
-                        "train: issue 5's; captions: the caption pass's (default: all)")
+                        "train: issue 5's; captions: the caption pass's; synth: t2i synth's (default: all)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init; make sets it too
     plan = PLANS["quick" if args.quick else "full"]
@@ -401,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = CorpusSpec(samples=plan.large_samples, per_tar=plan.per_tar, seed=args.seed)
     phases: dict[str, float] = {}  # wall seconds per step, to see where a slow run went
     results: dict[str, Any] = {}
-    if args.only not in ("flow", "captions"):  # those sections make their own data
+    if args.only not in ("flow", "captions", "synth"):  # those sections make their own data
         with phase(phases, "corpus", f"{spec.samples} samples in {spec.tars} tars under {BENCH_OUT}"):
             corpus = build_corpus(BENCH_OUT, spec)
         shards = discover(corpus, bench_config(1).source)
@@ -430,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         with phase(phases, "captions", "tiny captioner and translators, then the caption pass in-process and on Ray"):
             results |= captions.measure(plan.mode, BENCH_OUT / "captions")
         results["captions"]["machine"] = info
+    if args.only in ("all", "synth"):
+        with phase(phases, "synth", "render + encode at 512 and 1024, the synth cascade with OCR, trdg beside"):
+            results |= synth.measure(plan.mode, BENCH_OUT / "synth")
+        results["synth"]["machine"] = info
     info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = {name: {"op": op, "value": value} for name, (op, value) in TARGETS.items() if name in results}
     results["passed"] = {name: passed(name, results[name]) for name in results["targets"]}

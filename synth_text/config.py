@@ -58,6 +58,9 @@ class SynthConfig(BaseModel):
     min_contrast: float = Field(4.5, ge=1.0, le=21.0, description="WCAG contrast ratio text vs background")
     max_rotation_deg: float = Field(8.0, ge=0.0, le=45.0)
     rotation_prob: float = Field(0.35, ge=0.0, le=1.0, description="share of images whose text is rotated")
+    filler_words: int = Field(
+        5000, ge=1, description="subtitles and extra lines are drawn from this many of the most frequent words"
+    )
     min_text_px: int = Field(24, ge=6, description="smallest glyph size (font size in pixels)")
     jpeg_quality: int = Field(92, ge=1, le=100)
     max_cer: float = Field(0.1, ge=0.0, le=1.0, description="OCR character error rate above which a sample is dropped")

@@ -245,6 +245,28 @@ def test_every_layout_and_background(layout, background, fonts, words, busy_phot
     assert len(seen_sizes) >= 2
 
 
+
+def test_layouts_stay_readable_at_the_detector_size(fonts, words):
+    """What the OCR check measured (bench --only synth): lone glyphs are capped at 0.3 of the short side, stacked
+    lines have at least three characters and a gap of half a line, and fillers use common characters only."""
+    from synth_text.render import MIN_LINE_CHARS, _common_char
+
+    assert _common_char("的") and _common_char("国") and not _common_char("鍚") and not _common_char("國")
+    cfg = SynthConfig(sizes=[(1024, 1024), (1344, 768)], rotation_prob=0.0)
+    seen = set()
+    for i, word in enumerate(words[:120]):
+        r = render_sample(word, i, cfg, fonts, words)
+        seen.add(r.layout)
+        assert r.font_size <= 0.3 * min(r.image.size) + 1
+        if r.layout in ("multiline", "title_subtitle"):
+            fillers = "".join(r.lines)[len(word):]  # the word starts the first line
+            assert fillers and all(_common_char(ch) for ch in fillers)
+            lines = r.lines if r.layout == "multiline" else r.lines[1:]  # a title is the word, however long
+            assert all(len(line) >= MIN_LINE_CHARS for line in lines)
+            for a, b, size in zip(r.line_boxes, r.line_boxes[1:], r.line_sizes, strict=False):
+                assert min(p[1] for p in b) - max(p[1] for p in a) >= 0.3 * size
+    assert seen == set(LAYOUTS)
+
 def test_layout_shapes(fonts, words):
     cfg = SynthConfig(sizes=[(1024, 1024)], layouts={"vertical": 1.0}, rotation_prob=0.0)
     v = render_sample("春节快乐", 0, cfg, fonts, words)
