@@ -1,0 +1,83 @@
+"""`t2i grade` end to end as a data team runs it: export a sample of a curated output, grade it
+(votes as the page stores them), import, fit, predict for the whole pool, then train on the rows
+the model calls level 4 or 5."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+from conftest import PHOTOS
+from PIL import Image, ImageFilter
+
+from schemas.config import CurateConfig
+from tasks.grading.votes import VoteStore
+from tasks.runner import run
+from trainer.data import DataConfig, RowIndex
+
+
+def t2i(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "t2i.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def curated(root: Path) -> Path:
+    """60 images: each photo at five blur radii, so sharpness says something about quality."""
+    src = root / "src"
+    src.mkdir()
+    for i in range(60):
+        img = Image.open(PHOTOS[i % len(PHOTOS)]).convert("RGB").filter(ImageFilter.GaussianBlur(i // 12 * 1.5))
+        img.save(src / f"{i:03d}.jpg", quality=90)
+    cfg = CurateConfig.model_validate({"signals": {"resolution": {}, "sharpness": {}}, "rules": {},
+                                       "source": {"folder_chunk": 20}})
+    run(src, root / "out", cfg, use_ray=False)
+    return root / "out"
+
+
+def test_export_grade_import_fit_predict_and_select(tmp_path: Path) -> None:
+    out = curated(tmp_path)
+    gdir = tmp_path / "grading"
+    exported = t2i("grade", "export", "--shards", str(out), "--n", "48", "--out", str(gdir))
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["drawn"] == 48
+
+    sharp = dict(duckdb.sql(f"SELECT key, sharpness FROM '{out}/shards/*.parquet'").fetchall())
+    cuts = np.quantile(list(sharp.values()), [0.2, 0.4, 0.6, 0.8])
+    votes = VoteStore(gdir)
+    batch = [k for (k,) in duckdb.sql(f"SELECT key FROM '{gdir}/batch.parquet'").fetchall()]
+    for i, key in enumerate(batch):  # two graders who mostly agree that sharper is better
+        level = 1 + int(np.searchsorted(cuts, sharp[key]))
+        votes.record(key, "ann", level)
+        votes.record(key, "bo", level if i % 5 else max(1, level - 1))
+
+    imported = t2i("grade", "import", str(gdir))
+    assert imported.returncode == 0, imported.stderr
+    summary = json.loads(imported.stdout)
+    assert summary["votes"] == 96 and summary["images"] == 48
+
+    fitted = t2i("grade", "fit", "--shards", str(out), "--grades", str(gdir), "--model", str(tmp_path / "m.npz"))
+    assert fitted.returncode == 0, fitted.stderr
+    report = json.loads(fitted.stdout)
+    assert report["accuracy"] > report["baseline_accuracy"] and report["mae"] < report["baseline_mae"]
+
+    predicted = t2i("grade", "predict", "--shards", str(out), "--model", str(tmp_path / "m.npz"), "--no-ray")
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)["set_rows"] == 60
+    good = {k for (k,) in duckdb.sql(f"SELECT key FROM '{out}/grades/*.parquet' WHERE quality_level >= 4").fetchall()}
+    index = RowIndex.build(DataConfig(shards=[str(out)], select={"quality_level": {"min": 4}}, resolution=512))
+    assert {index.key(i) for i in range(len(index))} == good and 0 < len(good) < 60
+
+
+def test_grading_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    out = curated(tmp_path)
+    too_many = t2i("grade", "export", "--shards", str(out), "--n", "0", "--out", str(tmp_path / "g"))
+    assert too_many.returncode == 2 and too_many.stderr.startswith("error: ")
+    few = tmp_path / "few"
+    t2i("grade", "export", "--shards", str(out), "--n", "5", "--out", str(few))
+    VoteStore(few).record(duckdb.sql(f"SELECT key FROM '{few}/batch.parquet' LIMIT 1").fetchone()[0], "ann", 3)
+    assert t2i("grade", "import", str(few)).returncode == 0
+    unfit = t2i("grade", "fit", "--shards", str(out), "--grades", str(few), "--model", str(tmp_path / "m.npz"))
+    assert unfit.returncode == 2 and "error: " in unfit.stderr and "Traceback" not in unfit.stderr
