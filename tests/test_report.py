@@ -297,3 +297,28 @@ def test_an_output_on_s3(tmp_path, s3: S3Bucket):
     assert set(tiles(page, "kept")) and all(len(tile_images(page, f)) == 1 for f in tiles(page, "kept").values())
     grid = tiles(page, "reason:short_side_below_min")
     assert "tiny" in grid and len(tile_images(page, grid["tiny"])) == 1  # read again from the tar on S3
+
+
+def test_the_report_in_a_real_browser_loads_every_image_and_plot(curated, tmp_path):
+    """Headless Debian chromium (make setup installs it) opens the file offline: every thumbnail and
+    histogram decodes, the sections render, and a screenshot is kept."""
+    from playwright.sync_api import sync_playwright
+
+    out, _, _ = curated
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        page = browser.new_context(viewport={"width": 1280, "height": 900}, offline=True).new_page()
+        failed: list[str] = []
+        page.on("requestfailed", lambda r: failed.append(r.url[:80]))
+        page.goto((out / "report.html").resolve().as_uri())
+        page.wait_for_load_state("load")
+        sizes = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth, e.alt || ''])")
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
+        browser.close()
+    assert failed == []
+    assert len(sizes) > 10 and all(done and width > 0 for done, width, _ in sizes), sizes
+    assert any("eject" in h for h in headings) and any("istogram" in h or "ignal" in h for h in headings), headings
+    assert shot.stat().st_size > 10_000
