@@ -1,6 +1,6 @@
 """Chaos: `t2i curate` with model signals on, killed at random points, resumed each time.
 
-About 2,000 small images in 20 tars (``chaos_corpus``) are curated once without interruption
+About 1,200 small images in 20 tars of 60 (``chaos_corpus``) are curated once without interruption
 into ``ref/``. Then the same command runs into ``out/`` and is killed, at seeded random points,
 ten times: the driver (SIGKILL), its whole process group (``killpg``), a shard-task worker
 (``ray::_process_guarded``) and a model actor (``ray::ModelActor``), each at least twice, one
@@ -49,6 +49,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 SEED = int(os.environ.get("T2I_CHAOS_SEED", "20261201"))
 TAG = "T2I_CHAOS_TAG"  # in every run's environment, so every process it starts can be found later
 TARS = 20
+PER_TAR = 60  # samples a tar: every kill still lands mid-run (they are paced by shards done)
 CLEANUP_S = 10.0  # a killed run's processes must be gone within this
 RUN_TIMEOUT_S = 420.0
 
@@ -381,7 +382,7 @@ def test_killed_at_random_and_resumed_equals_an_uninterrupted_run(tmp_path: Path
     began = time.monotonic()
     rng = random.Random(SEED)
     src = tmp_path / "src"
-    corpus = build(src, SEED, tars=TARS)
+    corpus = build(src, SEED, tars=TARS, per_tar=PER_TAR)
     config = tmp_path / "chaos.yaml"
     config.write_text(CONFIG)
     shard_ids = {s.shard_id for s in discover(src, load_config(config).source)}

@@ -49,7 +49,14 @@ def two_nodes(s3: S3Bucket):
     cluster = RayCluster(env={**os.environ, **s3.env, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"})
     try:
         cluster.start_head(cpus=0)
-        yield cluster, [cluster.add_node(cpus=3), cluster.add_node(cpus=3)]
+        nodes = []
+        for alive in (2, 3):  # one node after the other, as `add_node` does, without its probe for the count
+            nodes.append(cluster._start([f"--address={cluster.address}"], 3))  # before: the head, then one more
+            deadline = time.monotonic() + 90
+            while cluster.alive_nodes() < alive:
+                assert time.monotonic() < deadline and nodes[-1].poll() is None, "a worker node did not join"
+                time.sleep(0.5)
+        yield cluster, nodes
     finally:
         cluster.stop()
 

@@ -164,11 +164,13 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path: Path, shards:
         proc.wait()
     stopped_at = latest_checkpoint(killed).step
     target = str(stopped_at + 2)
-    subprocess.run([*cmd, "--out", str(killed), "--steps", target], cwd=REPO, env=env, check=True,
-                   capture_output=True)
     whole = tmp_path / "whole"
-    subprocess.run([*cmd, "--out", str(whole), "--steps", target], cwd=REPO, env=env, check=True,
-                   capture_output=True)
+    # the resumed run and the uninterrupted one are independent processes: run them side by side
+    both = [subprocess.Popen([*cmd, "--out", str(out), "--steps", target], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for out in (killed, whole)]
+    for out, p in zip((killed, whole), both, strict=True):
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, f"{out.name}: {p.returncode}\n{err.decode(errors='replace')[-3000:]}"
     assert losses(killed) == losses(whole)
     assert [s for s, _ in losses(killed)] == list(range(1, stopped_at + 3))
     a, b = unet_weights(whole), unet_weights(killed)
