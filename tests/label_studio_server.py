@@ -20,23 +20,21 @@ migrated, still empty database is kept once per Label Studio version beside its 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
+from s3_server import _die_with_parent, _free_ports
 
 from tasks.grading.labelstudio import LabelStudio
 
@@ -78,27 +76,6 @@ def quiet_env(data_dir: Path) -> dict[str, str]:
         "HOME": str(data_dir),  # nothing of the tester's home is read or written
     })  # fmt: skip
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """preexec_fn that asks Linux to SIGTERM the child when the parent dies (prctl PR_SET_PDEATHSIG)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def preexec() -> None:
-        prctl(1, signal.SIGTERM)
-
-    return preexec
 
 
 def _kill_group(proc: subprocess.Popen, grace: float) -> None:
@@ -185,7 +162,7 @@ class LabelStudioServer:
         email, password, token = "grader@example.com", secrets.token_urlsafe(12), secrets.token_hex(20)
         cmd = [
             str(exe), "start", "--no-browser", "--data-dir", str(data), "--internal-host", "127.0.0.1",
-            "--port", str(_free_port()), "--log-level", "WARNING",
+            "--port", str(_free_ports(1)[0]), "--log-level", "WARNING",
             "--username", email, "--password", password, "--user-token", token, "--enable-legacy-api-token",
         ]  # fmt: skip
         with open(root / "label-studio.log", "wb") as log:
