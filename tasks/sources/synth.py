@@ -76,7 +76,6 @@ def read(shard: SourceShard, cfg: SourceConfig, max_member_bytes: int,
          storage: StorageConfig | None = None) -> Iterator[pa.RecordBatch]:
     from synth_text.captions import caption_for
     from synth_text.render import RenderError, encode_jpeg, render_sample
-
     from synth_text.words import top_words
 
     synth = cfg.synth
