@@ -87,8 +87,11 @@ def _serve(args: argparse.Namespace) -> int:
 @_as_user_error
 def _import(args: argparse.Namespace, say: Print) -> int:
     from tasks.grading.importer import grade_summary, import_grades
+    from tasks.grading.votes import agreement
 
-    say(json.dumps(grade_summary(import_grades(args.gdir, args.labelstudio)), indent=1, default=str))
+    table = import_grades(args.gdir, args.labelstudio)
+    agreed = agreement(table.select(["key", "grader", "grade"]).to_pylist())  # page and Label Studio votes alike
+    say(json.dumps({**grade_summary(table), "agreement": agreed}, indent=1, default=str))
     return 0
 
 

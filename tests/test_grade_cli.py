@@ -57,6 +57,8 @@ def test_export_grade_import_fit_predict_and_select(tmp_path: Path) -> None:
     assert imported.returncode == 0, imported.stderr
     summary = json.loads(imported.stdout)
     assert summary["votes"] == 96 and summary["images"] == 48
+    (pair,) = summary["agreement"]["pairs"]  # ann and bo differ on every fifth image, by one level at most
+    assert (pair["n"], pair["within_one"]) == (48, 1.0) and 0.75 <= pair["exact"] < 1.0
 
     fitted = t2i("grade", "fit", "--shards", str(out), "--grades", str(gdir), "--model", str(tmp_path / "m.npz"))
     assert fitted.returncode == 0, fitted.stderr
