@@ -119,7 +119,8 @@ class CogVLMCaptioner(Captioner):
         folder = require_folder(self.params.path, "captioner")
         self.device = torch_utils.pick_device(self.params.device)
         self.dtype = torch_utils.pick_dtype(self.params.dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                                       trust_remote_code=self.params.trust_remote_code)
         if self.tokenizer.pad_token_id is None:  # the image placeholders and the left padding need one
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
