@@ -34,7 +34,7 @@ import torch
 from pydantic import Field
 
 from captioners import torch_utils
-from captioners.base import Captioner, CaptionerParams, CaptionRequest, Generated, ModelMissing, require_folder
+from captioners.base import CaptionerParams, CaptionRequest, Generated, ModelMissing, require_folder
 from schemas.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -78,18 +78,11 @@ def check_transformers_version(version: str | None = None) -> bool:
     return ok
 
 
-class CogVLMCaptioner(Captioner):
+class CogVLMCaptioner(torch_utils.TorchCaptioner):
     """CogVLM / CogVLM2 remote-code checkpoints from a local folder, batched with left padding."""
 
     Params: ClassVar[type[CaptionerParams]] = CogVLMParams
     params: CogVLMParams
-
-    def __init__(self, params: CaptionerParams):
-        super().__init__(params)
-        self.model: Any = None
-        self.tokenizer: Any = None
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
 
     def check(self) -> None:
         """The folder and its config.json exist, and the config names remote-code classes (cheap, no code runs)."""
@@ -117,8 +110,7 @@ class CogVLMCaptioner(Captioner):
         self.refuse_without_remote_code()  # before any of the folder's code is read
         check_transformers_version()
         folder = require_folder(self.params.path, "captioner")
-        self.device = torch_utils.pick_device(self.params.device)
-        self.dtype = torch_utils.pick_dtype(self.params.dtype, self.device)
+        self.place()
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                        trust_remote_code=self.params.trust_remote_code)
         if self.tokenizer.pad_token_id is None:  # the image placeholders and the left padding need one

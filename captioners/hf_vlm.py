@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from captioners import torch_utils
-from captioners.base import Captioner, CaptionerParams, CaptionRequest, Generated, require_folder
+from captioners.base import CaptionerParams, CaptionRequest, Generated, require_folder
 from schemas.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class ChatVLMParams(CaptionerParams):
     max_pixels: int | None = Field(None, ge=1, description="Qwen-VL / GLM-4V processors: most pixels per image")
 
 
-class ChatVLMCaptioner(Captioner):
+class ChatVLMCaptioner(torch_utils.TorchCaptioner):
     """AutoModelForImageTextToText + AutoProcessor from a local folder; one chat turn per image."""
 
     Params: ClassVar[type[CaptionerParams]] = ChatVLMParams
@@ -42,19 +42,14 @@ class ChatVLMCaptioner(Captioner):
 
     def __init__(self, params: CaptionerParams):
         super().__init__(params)
-        self.model: Any = None
         self.processor: Any = None
-        self.tokenizer: Any = None
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
         self.image_kwargs: dict[str, Any] = {}
 
     def load(self) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         folder = require_folder(self.params.path, "captioner")
-        self.device = torch_utils.pick_device(self.params.device)
-        self.dtype = torch_utils.pick_dtype(self.params.dtype, self.device)
+        self.place()
         self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True,
                                                        trust_remote_code=self.params.trust_remote_code)
         if getattr(self.processor, "chat_template", None) is None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from captioners.base import Generated, GenerationParams
+from captioners.base import Captioner, CaptionerParams, Generated, GenerationParams
 
 
 def pick_device(device: str) -> torch.device:
@@ -74,3 +74,19 @@ def eos_ids_of(model: Any, tokenizer: Any) -> list[int]:
     if eos is None:
         return []
     return [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
+
+
+class TorchCaptioner(Captioner):
+    """A captioner on a torch model: nothing is loaded until ``load``, which calls ``place`` first
+    to take the device and dtype from the config."""
+
+    def __init__(self, params: CaptionerParams):
+        super().__init__(params)
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    def place(self) -> None:
+        self.device = pick_device(self.params.device)
+        self.dtype = pick_dtype(self.params.dtype, self.device)
