@@ -604,14 +604,15 @@ def render_sample(
         sturdier = [f for f in covering if not _is_thin(f) and f.family == font.family]
         sturdier = sturdier or [f for f in covering if not _is_thin(f)]
         if sturdier:
+            thin = font, block
             font = sturdier[min(int(font_pick * len(sturdier)), len(sturdier) - 1)]
             block = _geometry(font, layout, lines, block.sizes, style)
-            # metrics of CJK faces are near-identical; re-check the fit, fall back to the thin face if needed
+            # metrics of CJK faces are near-identical; re-check the fit, keep the thin face (which fits) if needed
             x0, y0, x1, y1 = block.bbox()
             pad = _pads(block.sizes)[2]
             ew, eh = _rotated_extent(x1 - x0 + 2 * pad, y1 - y0 + 2 * pad, angle)
             if ew > avail[0] or eh > avail[1]:
-                raise RenderError(f"cannot fit {word!r} into {W}x{H} after the font change")
+                font, block = thin
 
     # --- background
     bg = _make_background(rng, nseed, cfg, (W, H), photos)

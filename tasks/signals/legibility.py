@@ -4,7 +4,8 @@ against the rendered text (Kolors: a rendered word OCR cannot read teaches nothi
 CER = Levenshtein distance / length of the rendered text, after both are normalised the same way
 (NFKC, so full-width and half-width forms agree; whitespace and line breaks removed, since OCR
 joins lines with spaces). It runs after the OCR signal (its cost is higher) and reads that
-signal's ``ocr_text`` from the row; a row that was not rendered, or OCR that did not run, is null.
+signal's ``ocr_text`` and the synth signal's ``rendered_text`` from the row (the meta only when that
+signal did not run); a row that was not rendered, or OCR that did not run, is null.
 A rule ``text_cer: {max: 0.1}`` sends illegible images to rejects/ with the OCR reading beside.
 """
 
@@ -50,11 +51,13 @@ class Legibility(Signal):
     ranges: ClassVar[Ranges] = {"text_cer": (0.0, None)}
 
     def compute(self, sample: Sample) -> dict[str, Any]:
-        r = rendering(sample)
         read = sample.values.get("ocr_text")
-        if r is None or read is None:
+        if read is None:
             return {"text_cer": None}
-        return {"text_cer": round(cer(r["text"], read), 4)}
+        expected = sample.values.get("rendered_text")  # the synth signal (cost 0) parsed the meta already
+        if expected is None and "synthetic" not in sample.values:
+            expected = (rendering(sample) or {}).get("text")
+        return {"text_cer": None if expected is None else round(cer(expected, read), 4)}
 
 
 SIGNAL = Legibility

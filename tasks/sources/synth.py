@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from schemas.config import SourceConfig, StorageConfig
+from schemas.config import DecodeConfig, SourceConfig, StorageConfig
 from tasks.sources.base import BatchBuilder, SourceError, SourceShard, drain
 
 if TYPE_CHECKING:
@@ -125,20 +125,24 @@ def background_photos(output: str, count: int, storage: StorageConfig | None = N
 
     store = as_store(output, storage)
     photos, bad = [], 0
+    limits = DecodeConfig()
     for url in committed_files(store, "shards"):
         rel = url.removeprefix(store.url()).lstrip("/")
-        with store.open_input_file(rel) as fh:
-            images = pq.read_table(fh, columns=["image"]).column("image").to_pylist()
-        for data in images:
-            try:
-                rgb = np.asarray(ImageSample(data, max_pixels=100_000_000, max_file_bytes=64 << 20,
-                                             decode_side=1024).decode(), dtype=np.uint8)
-            except DecodeError:
-                bad += 1
-                continue
-            photos.append(fit_long_side(rgb, 1344))
-            if len(photos) == count:
-                break
+        with store.open_input_file(rel) as fh:  # only as many rows as it takes
+            for batch in pq.ParquetFile(fh).iter_batches(columns=["image"], batch_size=count):
+                for data in batch.column("image").to_pylist():
+                    try:
+                        rgb = np.asarray(ImageSample(data, max_pixels=limits.max_pixels,
+                                                     max_file_bytes=limits.max_file_bytes,
+                                                     decode_side=1024).decode(), dtype=np.uint8)
+                    except DecodeError:
+                        bad += 1
+                        continue
+                    photos.append(fit_long_side(rgb, 1344))
+                    if len(photos) == count:
+                        break
+                if len(photos) == count:
+                    break
         if len(photos) == count:
             break
     if bad:
