@@ -24,7 +24,7 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +62,39 @@ class PoolUnavailable(RuntimeError):
 class ModelFailing(RuntimeError):
     """A model failed on most rows: a broken model or setup, not bad rows. The run or pass stops
     rather than writing a pool's worth of errors and calling it done."""
+
+
+# A model must fail on at least this many rows of a unit of work (a shard, a part), and on more than
+# run.max_signal_error_fraction of those it ran on, before the unit fails for it: one poison image in a
+# small shard is that image's error, not a broken model. Mid-unit it must also have run on at least
+# MIN_TRIED_TO_FAIL rows (a few odd images left after cheap rules removed most of a shard are not a
+# broken model); at the end of a unit whatever it ran on counts, so small units cannot hide one.
+MIN_ERRORS_TO_FAIL = 3
+MIN_TRIED_TO_FAIL = 10
+
+
+class ErrorRate:
+    """Per model (a signal, a stage): the rows it ran on and failed on in one unit of work."""
+
+    def __init__(self, kind: str, unit: str, error: type[ModelFailing] = ModelFailing):
+        self.kind, self.unit, self.error = kind, unit, error
+        self.tried: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.first: dict[str, str] = {}
+
+    def fail(self, name: str, error: str) -> None:
+        self.failed[name] += 1
+        self.first.setdefault(name, error)
+
+    def check(self, limit: float, *, whole: bool = False) -> None:
+        """Raise ``self.error`` for the first model over the limit (``whole``: the unit is done)."""
+        for name, failed in self.failed.items():
+            tried = self.tried[name]
+            enough = whole or tried >= MIN_TRIED_TO_FAIL
+            if failed >= MIN_ERRORS_TO_FAIL and enough and failed > limit * tried:
+                raise self.error(
+                    f"{self.kind} {name} failed on {failed} of the {tried} rows it ran on so far in this {self.unit} "
+                    f"(more than run.max_signal_error_fraction {limit:g}); its first error: {self.first[name]}")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ benchmark all call: an input batch in, a kept batch and a reject batch out.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +16,7 @@ from PIL import Image
 
 from schemas.arrow import kept_schema, reject_schema
 from schemas.config import CurateConfig
-from tasks.actors import ItemError, ModelFailing, Pools, infer_on_pool
+from tasks.actors import ErrorRate, ItemError, ModelFailing, Pools, infer_on_pool
 from tasks.buckets import BucketAssigner
 from tasks.decode import DecodeError, ImageSample, describe, stable_text
 from tasks.rules import first_failure
@@ -28,15 +27,6 @@ log = logging.getLogger(__name__)
 # Decoding at this short side still runs the whole entropy decoder (so truncation is
 # caught) at 1/8 of the IDCT work, for configs whose signals read no pixels at all.
 VERIFY_SIDE = 64
-
-# A signal must fail on at least this many rows of a shard (and on more than
-# run.max_signal_error_fraction of those it ran on) before the shard fails for it: one
-# poison image in a small shard is that image's reject, not a broken model.
-MIN_ERRORS_TO_FAIL = 3
-# ... and have run on at least this many: a few odd images left after the cheap rules removed
-# most of a shard are not a broken model.
-MIN_TRIED_TO_FAIL = 10
-
 
 class SignalFailing(ModelFailing):
     """A signal failed on most rows of a shard: a broken model or setup, not bad rows. The
@@ -91,9 +81,7 @@ class Chain:
         self._rules_for = {
             sig.name: {c: b for c, b in cfg.rules.items() if c in sig.columns()} for sig in self.signals
         }
-        self.tried: Counter[str] = Counter()  # per signal, over the whole shard
-        self.failed: Counter[str] = Counter()
-        self.first_error: dict[str, str] = {}
+        self.errors = ErrorRate("signal", "shard", SignalFailing)  # per signal, over the whole shard
 
     def _open(self, row: _Row) -> None:
         if row.reason:
@@ -132,7 +120,7 @@ class Chain:
                 log.warning("signal %s failed on a batch; retrying one by one", signal.name, exc_info=True)
                 results = [self._one(signal, r) for r in live]
         rules = self._rules_for[signal.name]
-        self.tried[signal.name] += len(live)
+        self.errors.tried[signal.name] += len(live)
         for r, values in zip(live, results, strict=True):
             if isinstance(values, ItemError):
                 self._signal_error(signal.name, r, values.error)
@@ -143,19 +131,8 @@ class Chain:
                 r.reject(verdict.reason, verdict.detail)
 
     def _signal_error(self, name: str, row: _Row, error: str) -> None:
-        self.failed[name] += 1
-        self.first_error.setdefault(name, error)
+        self.errors.fail(name, error)
         row.reject(f"signal_error_{name}", error)
-
-    def check_errors(self) -> None:
-        """Raise ``SignalFailing`` when a signal has failed on too many of this shard's rows."""
-        limit = self.cfg.run.max_signal_error_fraction
-        for name, failed in self.failed.items():
-            tried = self.tried[name]
-            if failed >= MIN_ERRORS_TO_FAIL and tried >= MIN_TRIED_TO_FAIL and failed > limit * tried:
-                raise SignalFailing(
-                    f"signal {name} failed on {failed} of the {self.tried[name]} rows it ran on so far in this shard "
-                    f"(more than run.max_signal_error_fraction {limit:g}); its first error: {self.first_error[name]}")
 
     def _on_pool(self, signal: Signal, live: list[_Row]) -> tuple[list[_Row], list[dict[str, Any] | ItemError]]:
         """Prepare here (the decode stays in this task), infer on the signal's actors. A row
@@ -166,7 +143,7 @@ class Chain:
                 prepared.append(signal.prepare(r.sample))
                 rows.append(r)
             except Exception as exc:
-                self.tried[signal.name] += 1
+                self.errors.tried[signal.name] += 1
                 self._signal_error(signal.name, r, describe(exc))
         return rows, infer_on_pool(self.pools[signal.name], prepared, signal.params.batch_size)
 
@@ -199,7 +176,7 @@ class Chain:
                     row.reject("duplicate_key", f"key {row.key!r} already kept from this source shard")
                 kept_keys.add(row.key)
         decodes = sum(r.sample.image.decodes for r in rows if r.sample)
-        self.check_errors()
+        self.errors.check(self.cfg.run.max_signal_error_fraction)
         return BatchResult(self._kept(rows), self._rejects(rows), decodes)
 
     def _kept(self, rows: list[_Row]) -> pa.RecordBatch:

@@ -4,7 +4,8 @@ Layout, under the curated output (a local folder or an object-store prefix)::
 
     {set}/{part}.parquet            one per part of shards/: key plus the stages' columns, row for row
     {set}/_manifest/{part}.json     written last: this part is done (rows, errors, the part's size)
-    {set}/_partial/{part}/gNNNNN.parquet   one per row group of a part in progress: a kill loses at most one
+    {set}/_partial/{part}/size-N/gNNNNN.parquet   one per row group of a part in progress (N: the part's
+                                                  size): a kill loses at most one
     {set}/_run.json                 what makes the set (model, prompt, ...): a rerun that differs is refused
 
 A sidecar has the part's keys in the part's order and row groups of the part's sizes, so a reader
@@ -22,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.config import ConfigError, DecodeConfig, RunConfig, StorageConfig, config_differences
-from tasks.actors import ItemError, ModelFailing, Pools, Resources, call_splitting_on_oom, infer_on_pool
+from tasks.actors import ErrorRate, ItemError, Pools, Resources, call_splitting_on_oom, infer_on_pool
 from tasks.decode import describe
 from tasks.shards import committed_files
 from tasks.stage import Stage
@@ -43,12 +43,6 @@ PART_MANIFEST = "_manifest"
 PARTIAL = "_partial"
 SET_STAMP = "_run.json"
 ERROR_FIELD = pa.field("caption_error", pa.string())
-
-# As in curation (tasks/chain.py): a stage fails the pass only past these counts, so one poison
-# image in a small part is that row's error, not a broken model.
-MIN_ERRORS_TO_FAIL = 3
-MIN_TRIED_TO_FAIL = 10
-
 
 class SetChanged(ConfigError):
     """The set's folder holds output made with other settings: a rerun would mix two sets."""
@@ -154,15 +148,26 @@ def plan_parts(store: Store, spec: SidecarPass, parts: list[Part]) -> list[Part]
         why = "is no longer in shards/" if stem not in current else "changed since it was done"
         log.warning("part %s %s: its %s sidecar is removed%s", stem, why, spec.name,
                     " and made again" if stem in current else "")
-        store.delete(entry.rel)  # the entry first: a kill between the two leaves a file no entry names
+        # the file first, the entry last: a kill in between leaves an entry that no longer matches, which
+        # the next run removes the same way (the other order would leave a file no entry names, for good)
         store.delete(f"{spec.name}/{stem}.parquet")
         store.delete_tree(f"{spec.name}/{PARTIAL}/{stem}")
-    # checkpoints of parts gone since, or done (a kill between a part's commit and its clean-up)
-    stems = {e.rel.split("/")[-2] for e in store.list(f"{spec.name}/{PARTIAL}", ".parquet", recursive=True)}
-    for stem in stems:
+        store.delete(entry.rel)
+    # checkpoints of parts gone since, done (a kill between a part's commit and its clean-up), or of
+    # another version of the part (recurated with the same keys before it was ever committed)
+    found = {tuple(e.rel.split("/")[2:4]) for e in store.list(f"{spec.name}/{PARTIAL}", ".parquet", recursive=True)}
+    for stem, version in found:
         if stem not in current or stem in done:
             store.delete_tree(f"{spec.name}/{PARTIAL}/{stem}")
+        elif version != checkpoint_version(current[stem]):
+            store.delete_tree(f"{spec.name}/{PARTIAL}/{stem}/{version}")
     return [p for p in parts if p.shard_id not in done]
+
+
+def checkpoint_version(part: Part) -> str:
+    """The folder a part's checkpoints go in, named by the part's size: checkpoints of an earlier
+    version of the part (same name, same keys, other rows) are never taken for this one's."""
+    return f"size-{part.size}"
 
 
 def process_part(part: Part, pools: Pools | None, spec: SidecarPass, out: str,
@@ -174,23 +179,23 @@ def process_part(part: Part, pools: Pools | None, spec: SidecarPass, out: str,
     result = PartResult(part.shard_id, part=part.identity)
     pf = pq.ParquetFile(store.open_input_file(part.rel))
     columns = [c for c in spec.reads() if c in pf.schema_arrow.names]
-    counts = _Counts()
+    counts = ErrorRate("stage", "part")
     tables = []
     for g in range(pf.metadata.num_row_groups):
         keys = pf.read_row_group(g, columns=["key"]).column("key")
-        ckpt = f"{spec.name}/{PARTIAL}/{part.shard_id}/g{g:05d}.parquet"
+        ckpt = f"{spec.name}/{PARTIAL}/{part.shard_id}/{checkpoint_version(part)}/g{g:05d}.parquet"
         table = _checkpoint(store, ckpt, keys, spec.schema)
         if table is None:
             table = run_stages(pf.read_row_group(g, columns=columns), spec, pools, counts)
             store.write_parquet(ckpt, table, max(1, table.num_rows))
         else:
             result.resumed_groups += 1
-            counts.add_table(table, spec)
+            count_checkpoint(counts, table, spec)
         tables.append(table)
         counts.check(spec.run.max_signal_error_fraction)
         if progress:
             progress(table.num_rows)
-    counts.check(spec.run.max_signal_error_fraction, whole_part=True)
+    counts.check(spec.run.max_signal_error_fraction, whole=True)
     result.rows = sum(t.num_rows for t in tables)
     if result.rows != pf.metadata.num_rows:
         raise RuntimeError(f"{part.rel}: {pf.metadata.num_rows} rows read but {result.rows} written")
@@ -226,39 +231,20 @@ def _write_groups(store: Store, rel: str, tables: list[pa.Table], schema: pa.Sch
         writer.close()
 
 
-class _Counts:
-    """Per stage: rows tried and failed in this part, to tell a broken model from bad rows."""
-
-    def __init__(self) -> None:
-        self.tried: Counter[str] = Counter()
-        self.failed: Counter[str] = Counter()
-        self.first: dict[str, str] = {}
-
-    def fail(self, stage: str, error: str) -> str:
-        self.failed[stage] += 1
-        self.first.setdefault(stage, error)
-        return f"{stage}: {error}"
-
-    def add_table(self, table: pa.Table, spec: SidecarPass) -> None:
-        for error in table.column(spec.error_field.name).to_pylist():
-            if error:
-                stage = error.split(":", 1)[0]
-                self.failed[stage] += 1
-                self.tried[stage] += 1
-
-    def check(self, limit: float, *, whole_part: bool = False) -> None:
-        """Mid-part, only once a stage has run on MIN_TRIED_TO_FAIL rows; at the end of a part (before
-        its sidecar is written) whatever it ran on, so small parts cannot hide a broken model."""
-        for stage, failed in self.failed.items():
-            tried = self.tried[stage]
-            enough = whole_part or tried >= MIN_TRIED_TO_FAIL
-            if failed >= MIN_ERRORS_TO_FAIL and enough and failed > limit * tried:
-                raise ModelFailing(
-                    f"stage {stage} failed on {failed} of the {tried} rows it ran on so far in this part (more than "
-                    f"run.max_signal_error_fraction {limit:g}); its first error: {self.first[stage]}")
+def count_checkpoint(errors: ErrorRate, table: pa.Table, spec: SidecarPass) -> None:
+    """A row group taken from its checkpoint counts as if it had just run: each stage ran on the rows
+    no earlier stage failed on (stages that did not want a row cannot be told apart: counted too)."""
+    failed = [e for e in table.column(spec.error_field.name).to_pylist() if e]
+    alive = table.num_rows
+    for plan in spec.stages:
+        mine = [e for e in failed if e.split(":", 1)[0] == plan.stage.name]
+        errors.tried[plan.stage.name] += alive
+        for e in mine:
+            errors.fail(plan.stage.name, e.split(": ", 1)[-1])
+        alive -= len(mine)
 
 
-def run_stages(batch: pa.Table, spec: SidecarPass, pools: Pools | None, counts: _Counts) -> pa.Table:
+def run_stages(batch: pa.Table, spec: SidecarPass, pools: Pools | None, counts: ErrorRate) -> pa.Table:
     """One row group through every stage: a row a stage fails on keeps nulls from there on and
     its error; the others go on to the next stage."""
     rows = batch.to_pylist()
@@ -273,13 +259,15 @@ def run_stages(batch: pa.Table, spec: SidecarPass, pools: Pools | None, counts: 
                 prepared.append(stage.prepare({**rows[i], **values[i]}))
                 ready.append(i)
             except Exception as exc:
-                errors[i] = counts.fail(stage.name, describe(exc))
+                errors[i] = f"{stage.name}: {describe(exc)}"
+                counts.fail(stage.name, describe(exc))
         counts.tried[stage.name] += len(todo)
         results = (infer_on_pool(pools[stage.name], prepared, plan.request_rows) if pools is not None
                    else infer_here(stage, prepared, plan.batch_size))
         for i, res in zip(ready, results, strict=True):
             if isinstance(res, ItemError):
-                errors[i] = counts.fail(stage.name, res.error)
+                errors[i] = f"{stage.name}: {res.error}"
+                counts.fail(stage.name, res.error)
             else:
                 values[i].update(res)
     for v, e in zip(values, errors, strict=True):

@@ -162,17 +162,21 @@ def test_a_killed_part_resumes_from_its_row_group_checkpoints(tmp_path: Path) ->
     part = next((out / "shards").glob("*.parquet")).stem
     side = out / "captions" / f"{part}.parquet"
     # as a kill after two row groups of this part would leave it: checkpoints, no sidecar, no entry
-    ckpt = out / "captions" / "_partial" / part
+    ckpt = out / "captions" / "_partial" / part / f"size-{(out / 'shards' / f'{part}.parquet').stat().st_size}"
     ckpt.mkdir(parents=True)
     table = pq.read_table(side)
     pq.write_table(table.slice(0, 4), ckpt / "g00000.parquet")
     pq.write_table(table.slice(4, 2), ckpt / "g00001.parquet")
     (ckpt / "g00001.parquet").write_bytes(b"torn")  # a half-written checkpoint is done again
+    stale = ckpt.parent / "size-1"  # the same keys from another version of the part: never taken for this one
+    stale.mkdir()
+    bogus = table.slice(4, 2).set_column(1, "recaption_en", pa.array(["stale", "stale"], pa.string()))
+    pq.write_table(bogus, stale / "g00001.parquet")
     side.unlink()
     (out / "captions" / "_manifest" / f"{part}.json").unlink()
     summary = caption_output(out, cfg, use_ray=False)
     assert summary.parts_done == 1 and summary.resumed_groups == 1
-    assert sidecar_rows(out) == reference
+    assert sidecar_rows(out) == reference and not stale.exists()
 
 
 def test_new_parts_are_captioned_alone_and_a_gone_part_loses_its_sidecar(tmp_path: Path) -> None:
@@ -408,3 +412,25 @@ def test_the_rows_ocr_text_reaches_the_captioner_and_stays_verbatim_in_chinese(t
         else:
             assert "with the text" not in r["recaption_en"] and r["spans_kept"] is None
     assert "“春节快乐”" in rows[0]["recaption_zh"]
+
+
+def test_a_resumed_part_counts_its_checkpointed_errors_as_rows_tried(tmp_path: Path) -> None:
+    """3 of a part's 6 rows fail (not most of them), all 3 in its first row group: resumed from that
+    group's checkpoint, the part still completes with the same 3 errors (a checkpoint's rows count as tried)."""
+    out = curate(tmp_path, 6)
+    part = next((out / "shards").glob("*.parquet"))
+    rows = pq.read_table(part).to_pylist()
+    for r in rows[:3]:
+        r["caption"] = "BAD"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(part)), part, row_group_size=4)
+    cfg = RecaptionConfig.model_validate(fake_config({"fail_on_caption": "BAD"}))
+    assert caption_output(out, cfg, use_ray=False).errors == {"recaption": 3}
+    reference = sidecar_rows(out)
+    ckpt = out / "captions" / "_partial" / part.stem / f"size-{part.stat().st_size}"
+    ckpt.mkdir(parents=True)
+    pq.write_table(pq.read_table(out / "captions" / part.name).slice(0, 4), ckpt / "g00000.parquet")
+    (out / "captions" / part.name).unlink()  # as a kill after the first row group leaves it
+    (out / "captions" / "_manifest" / f"{part.stem}.json").unlink()
+    again = caption_output(out, cfg, use_ray=False)
+    assert again.resumed_groups == 1 and again.errors == {"recaption": 3} and again.failed == {}
+    assert sidecar_rows(out) == reference
