@@ -138,8 +138,10 @@ class Batcher:
         self.batches = 0  # model calls made: for tests and the benchmark
         self.merged = 0  # of them, batches holding more than one request
 
-    def run(self, inputs: list[Any]) -> list[Any]:
-        request = _Request(list(inputs))
+    def run(self, inputs: list[Any], alone: bool = False) -> list[Any]:
+        """``alone``: never merged with other requests (an input sent by itself to find out whether it
+        is what kills the actor must be the only one in its model call)."""
+        request = _Request(list(inputs), alone=alone)
         with self.cond:
             self.queue.append(request)
             while not request.done:
@@ -158,8 +160,10 @@ class Batcher:
 
     def _take(self) -> list[_Request]:
         taken = [self.queue.popleft()]
+        if taken[0].alone:
+            return taken
         rows = len(taken[0].inputs)
-        while self.queue and rows + len(self.queue[0].inputs) <= self.batch_size:
+        while self.queue and not self.queue[0].alone and rows + len(self.queue[0].inputs) <= self.batch_size:
             rows += len(self.queue[0].inputs)
             taken.append(self.queue.popleft())
         return taken
@@ -205,6 +209,7 @@ class Batcher:
 @dataclass
 class _Request:
     inputs: list[Any]
+    alone: bool = False
     result: list[Any] | None = None
     error: BaseException | None = None
     done: bool = False
@@ -255,8 +260,8 @@ class ModelActor:
         self.model.ensure_setup()
         self.batcher = Batcher(self.model.infer, batch_size)
 
-    def infer(self, inputs: list[Any]) -> list[Any]:
-        return self.batcher.run(inputs)
+    def infer(self, inputs: list[Any], alone: bool = False) -> list[Any]:
+        return self.batcher.run(inputs, alone)
 
     def ready(self) -> bool:
         return True
@@ -347,7 +352,7 @@ def _infer_one(handles: list[Any], item: Any) -> Result:
     deaths = 0
     while True:
         try:
-            return ray.get(_ready_actor(handles).infer.remote([item]))[0]
+            return ray.get(_ready_actor(handles).infer.remote([item], alone=True))[0]
         except ray.exceptions.RayTaskError as exc:
             return ItemError(_cause_text(exc))
         except ray.exceptions.RayError as exc:

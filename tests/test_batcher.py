@@ -100,3 +100,23 @@ def test_what_counts_as_out_of_memory() -> None:
 def test_a_model_returning_the_wrong_number_of_results_is_an_error_not_a_shift() -> None:
     with pytest.raises(RuntimeError, match="2 results for 3 inputs"):
         Batcher(lambda rows: rows[:2], batch_size=8).run([1, 2, 3])
+
+
+def test_a_request_sent_alone_is_never_merged() -> None:
+    """Finding which input kills an actor needs that input alone in its model call."""
+    model = Model(delay_s=0.2)
+    batcher = Batcher(model, batch_size=16)
+    out: dict[int, list[int]] = {}
+
+    def call(i: int, alone: bool) -> None:
+        out[i] = batcher.run([i], alone)
+
+    threads = [threading.Thread(target=call, args=(i, i == 2)) for i in range(5)]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join(timeout=30)
+    assert out == {i: [2 * i] for i in range(5)}
+    assert [2] in model.batches  # request 2 ran by itself
+    assert batcher.merged >= 1  # while the others still merged
