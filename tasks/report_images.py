@@ -62,9 +62,13 @@ def source_images(source: str, keys: set[str], run_source: str, source_cfg: Sour
     """key -> image bytes for ``keys`` of one source shard (``source``, as a reject row names it), or
     the text saying why there are none. A tar or Parquet file is read with the source's own reader
     until every key is found; a folder source's row names its image file, read as it is."""
-    from tasks.sources import SourceShard, read_shard
+    from tasks.sources import SourceShard, read_shard, synth
     from tasks.sources.base import IMAGE_EXTENSIONS, first_line, open_stream, shard_id_of, stat, too_large
 
+    if source.startswith(synth.SCHEME):  # rendered again from the run's own settings: the same bytes
+        if source_cfg.synth is None:
+            return dict.fromkeys(keys, "the run's stamp has no source.synth settings")
+        return synth.render_keys(keys, source_cfg.synth, storage)
     name = PurePosixPath(source).name
     suffix = PurePosixPath(name).suffix.lower().lstrip(".")
     limit = decode.max_file_bytes

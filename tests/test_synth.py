@@ -175,3 +175,16 @@ def test_photo_backgrounds_come_from_a_curated_output_and_broken_ones_are_left_o
     with pytest.raises(RunConfigMismatch, match=r"source\.synth\.photo_count"):
         synthesize(tmp_path / "out", cfg.model_copy(update={"source": cfg.source.model_copy(update={
             "synth": cfg.source.synth.model_copy(update={"photo_count": 3})})}), use_ray=False)
+
+
+def test_the_report_renders_synthetic_rejects_again_with_the_runs_bytes(tmp_path: Path) -> None:
+    """Rejects keep no image bytes; a synthetic one's image is rendered again from the run's settings,
+    byte for byte what the run wrote (checked on the kept rows, whose bytes are stored)."""
+    from tasks.report_images import source_images
+
+    cfg = synth_config(None, words=4, words_per_shard=4, sizes=[[512, 512]])
+    synthesize(tmp_path / "out", cfg, use_ray=False)
+    kept = dict(duckdb.sql(f"SELECT key, image FROM '{tmp_path}/out/shards/*.parquet'").fetchall())
+    again = source_images("synth:words/0-4", {*kept, "w999999-000"}, "synth:words", cfg.source, cfg.decode)
+    assert {k: again[k] for k in kept} == kept
+    assert "not a key" in again["w999999-000"]

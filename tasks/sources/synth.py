@@ -16,6 +16,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -72,36 +73,69 @@ def _fonts(families: tuple[str, ...], paths: tuple[str, ...]) -> list[Font]:
     return fonts
 
 
+@dataclass(frozen=True)
+class Renderer:
+    """What rendering needs, loaded once per process: the words, the fonts, the background photos."""
+
+    synth: SynthConfig
+    words: list[str]
+    fonts: list[Font]
+    photos: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, synth: SynthConfig, storage: StorageConfig | None = None) -> Renderer:
+        from synth_text.words import top_words
+
+        photos = background_photos(synth.photos_from, synth.photo_count, storage) if synth.photos_from else ()
+        return cls(synth, top_words(synth.words), fonts_for(synth), photos)
+
+    def row(self, i: int, k: int) -> dict[str, str | bytes | None]:
+        """Word ``i``'s ``k``-th image as a source row: key, image, caption, meta, or its source_error."""
+        from synth_text.captions import caption_for
+        from synth_text.render import RenderError, encode_jpeg, render_sample
+
+        synth, index, key = self.synth, i * self.synth.per_word + k, f"w{i:06d}-{k:03d}"
+        try:
+            r = render_sample(self.words[i], index, synth, self.fonts, self.words, self.photos)
+        except RenderError as exc:
+            return {"key": key, "source_error": f"{RENDER_FAILED}: {exc}",
+                    "meta": json.dumps({"synth_word": self.words[i]}, ensure_ascii=False)}
+        meta = {"synth": {"text": r.text, "font": r.font.name, "font_file": r.font.path, "font_index": r.font.index,
+                          "font_size": r.font_size, "layout": r.layout, "background": r.background,
+                          "contrast": round(r.contrast, 2), "line_boxes": _rounded(r.line_boxes),
+                          "char_boxes": _rounded(r.char_boxes)}}
+        return {"key": key, "image": encode_jpeg(r.image, synth.jpeg_quality),
+                "caption": caption_for(r, synth.seed, index), "meta": json.dumps(meta, ensure_ascii=False)}
+
+
+_KEY = re.compile(r"^w(\d{6})-(\d{3})$")
+
+
+def render_keys(keys: set[str], synth: SynthConfig, storage: StorageConfig | None = None) -> dict[str, bytes | str]:
+    """The images of these keys rendered again (deterministic: the bytes the run wrote), or why not:
+    what the report shows for synthetic rejects, which keep no image bytes."""
+    renderer = Renderer.of(synth, storage)
+    out: dict[str, bytes | str] = {}
+    for key in keys:
+        m = _KEY.match(key)
+        if m is None or int(m.group(1)) >= len(renderer.words) or int(m.group(2)) >= synth.per_word:
+            out[key] = f"{key} is not a key of this synthetic source"
+            continue
+        row = renderer.row(int(m.group(1)), int(m.group(2)))
+        out[key] = row.get("image") or str(row.get("source_error"))
+    return out
+
+
 def read(shard: SourceShard, cfg: SourceConfig, max_member_bytes: int,
          storage: StorageConfig | None = None) -> Iterator[pa.RecordBatch]:
-    from synth_text.captions import caption_for
-    from synth_text.render import RenderError, encode_jpeg, render_sample
-    from synth_text.words import top_words
-
-    synth = cfg.synth
-    if synth is None:
+    if cfg.synth is None:
         raise SourceError(f"{shard.path}: a synthetic shard needs the source.synth settings")
     start, end = word_range(shard)
-    words = top_words(synth.words)
-    fonts = fonts_for(synth)
-    photos = background_photos(synth.photos_from, synth.photo_count, storage) if synth.photos_from else ()
+    renderer = Renderer.of(cfg.synth, storage)
     builder = BatchBuilder(cfg.batch_rows)
     for i in range(start, end):
-        for k in range(synth.per_word):
-            index = i * synth.per_word + k
-            key = f"w{i:06d}-{k:03d}"
-            try:
-                r = render_sample(words[i], index, synth, fonts, words, photos)
-            except RenderError as exc:
-                batch = builder.add(key, shard.path, source_error=f"{RENDER_FAILED}: {exc}",
-                                    meta=json.dumps({"synth_word": words[i]}, ensure_ascii=False))
-            else:
-                meta = {"synth": {"text": r.text, "font": r.font.name, "font_file": r.font.path,
-                                  "font_index": r.font.index, "font_size": r.font_size, "layout": r.layout,
-                                  "background": r.background, "contrast": round(r.contrast, 2),
-                                  "line_boxes": _rounded(r.line_boxes), "char_boxes": _rounded(r.char_boxes)}}
-                batch = builder.add(key, shard.path, encode_jpeg(r.image, synth.jpeg_quality),
-                                    caption_for(r, synth.seed, index), meta=json.dumps(meta, ensure_ascii=False))
+        for k in range(cfg.synth.per_word):
+            batch = builder.add(source=shard.path, **renderer.row(i, k))
             if batch is not None:
                 yield batch
     yield from drain(builder)
