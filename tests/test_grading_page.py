@@ -384,6 +384,16 @@ def test_grading_page_in_a_browser(curated, tmp_path):
             status, answer = post(grade_url, body)
             assert status == 400 and why in answer["error"], (body, answer)
         assert post(server.url + "api/skip", {"key": "no-such-key", "grader": "A"})[0] == 400
+        plain = urllib.request.Request(grade_url, json.dumps({"key": keys[5], "grader": "C", "grade": 3}).encode(),
+                                       {"Content-Type": "text/plain"})  # what another site's page could send
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(plain, timeout=10)
+        assert refused.value.code == 400 and b"application/json" in refused.value.read()
+        rebound = urllib.request.Request(grade_url, json.dumps({"key": keys[5], "grader": "C", "grade": 3}).encode(),
+                                         {"Content-Type": "application/json", "Host": "evil.example:80"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rebound, timeout=10)
+        assert refused.value.code == 400
         assert get(server.url + "api/image/no-such-key")[0] == 404
         status, data = get(server.url + "api/image/" + keys[1])
         assert status == 200 and Image.open(io.BytesIO(data)).format == "JPEG"

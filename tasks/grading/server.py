@@ -144,6 +144,13 @@ def _handler(app: GradingApp) -> type[BaseHTTPRequestHandler]:
         do_HEAD = do_GET
 
         def _body(self) -> dict[str, Any]:
+            # Only JSON, and only for this server's own name: a web page elsewhere in the grader's
+            # browser can post text/plain without a preflight, and a rebound DNS name can reach 127.0.0.1.
+            if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+                raise VoteError("a vote is posted as application/json")
+            host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
+            if host not in ("127.0.0.1", "localhost", "[::1]", self.server.server_address[0]):
+                raise VoteError(f"this server answers to 127.0.0.1 or localhost, not {host!r}")
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY:
                 raise VoteError(f"request body over {MAX_BODY} bytes")
