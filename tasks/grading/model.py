@@ -205,23 +205,27 @@ def read_pool(shards: str | Path, features: Sequence[str] | None = None) -> tupl
     parts = list_parts(store)
     if not parts:
         raise ConfigError(f"{store.url()} holds no committed shards/ part: run `t2i curate` first")
-    files = [pq.ParquetFile(store.open_input_file(p.rel)) for p in parts]
+    schemas = []
+    for p in parts:  # each file open only while it is read: a pool of thousands of parts is fine
+        with store.open_input_file(p.rel) as fh:
+            schemas.append(pq.read_schema(fh))
     if features is None:
         found: dict[str, None] = {}
-        for f in files:
-            found.update(dict.fromkeys(numeric_columns(f.schema_arrow)))
+        for schema in schemas:
+            found.update(dict.fromkeys(numeric_columns(schema)))
         features = list(found)
     features = list(features)
     if not features:
         raise ConfigError(f"{store.url()}'s shards hold no numeric signal column to grade from")
-    anywhere = {n for f in files for n in f.schema_arrow.names}
+    anywhere = {n for schema in schemas for n in schema.names}
     missing = [c for c in features if c not in anywhere]
     if missing:
         raise ConfigError(f"features {missing} are in no shard of {store.url()}")
     tables = []
-    for f in files:
-        present = [c for c in ["key", *features] if c in f.schema_arrow.names]
-        t = f.read(columns=present)
+    for p, schema in zip(parts, schemas, strict=True):
+        present = [c for c in ["key", *features] if c in schema.names]
+        with store.open_input_file(p.rel) as fh:
+            t = pq.ParquetFile(fh).read(columns=present)
         cols = {"key": t.column("key").cast(pa.string())}
         for c in features:
             cols[c] = t.column(c).cast(pa.float64()) if c in present else pa.nulls(t.num_rows, pa.float64())
