@@ -68,12 +68,13 @@ class RecaptionStage(Stage):
     def setup(self) -> None:
         self.captioner.check()
         self.captioner.load()
+        self.model_id = self.captioner.model_id  # once: it lists the model folder
 
     def infer(self, inputs: list[tuple[np.ndarray, str | None, str | None]]) -> list[dict[str, Any]]:
         from captioners.repetition import is_repetitive
 
         requests = [CaptionRequest(Image.fromarray(a), caption, ocr) for a, caption, ocr in inputs]
-        model = self.captioner.model_id
+        model = self.model_id
         out = []
         for request, gen in zip(requests, self.captioner.caption(requests), strict=True):
             out.append({"recaption_en": gen.text, "caption_model": model,
@@ -116,13 +117,14 @@ class TranslateStage(Stage):
     def setup(self) -> None:
         self.translator.check()
         self.translator.load()
+        self.model_id = self.translator.model_id  # once: it lists the model folder
 
     def infer(self, inputs: list[str]) -> list[dict[str, Any]]:
         from captioners.protect import protect, restore
 
         nouns = self.params.protect.nouns
         guarded = [protect(text, nouns) for text in inputs]
-        model = self.translator.model_id
+        model = self.model_id
         out = []
         for g, gen in zip(guarded, self.translator.translate([g.text for g in guarded]), strict=True):
             text, kept = restore(gen.text, g)

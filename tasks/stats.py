@@ -101,8 +101,8 @@ CAPTION_FIGURES = {
 }
 
 
-def caption_sets(store: Store) -> list[str]:
-    """The sidecar sets of an output: folders beside shards/ with a set stamp."""
+def sidecar_sets(store: Store) -> list[str]:
+    """The sidecar sets of an output (captions, grades, ...): folders beside shards/ with a set stamp."""
     from pyarrow import fs as pafs
 
     from tasks.sidecar import SET_STAMP
@@ -111,6 +111,13 @@ def caption_sets(store: Store) -> list[str]:
     names = sorted(f.base_name for f in found if f.type == pafs.FileType.Directory)
     return [n for n in names if n not in ("shards", "rejects") and not n.startswith("_") and
             store.exists(f"{n}/{SET_STAMP}")]
+
+
+def caption_sets(store: Store) -> list[str]:
+    """The sidecar sets that hold machine captions (their stamp names a captioner)."""
+    from tasks.sidecar import SET_STAMP
+
+    return [n for n in sidecar_sets(store) if "captioner" in json.loads(store.read_bytes(f"{n}/{SET_STAMP}"))]
 
 
 def _caption_set(con: duckdb.DuckDBPyConnection, store: Store, name: str, kept: int) -> dict[str, Any]:

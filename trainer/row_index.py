@@ -135,18 +135,11 @@ def _quote(column: str) -> str:
 
 
 def sidecar_sets(files: list[str]) -> list[str]:
-    """The sidecar sets beside the curated outputs ``files`` belong to: folders holding a ``_run.json``."""
-    import pyarrow.fs as pafs
+    """The sidecar sets beside the curated outputs ``files`` belong to (tasks.stats.sidecar_sets)."""
+    from tasks.stats import sidecar_sets as of_output
 
-    names: set[str] = set()
-    for root in dict.fromkeys(f.rpartition("/shards/")[0] for f in files if "/shards/" in f):
-        store = open_store(root)
-        found = store.fs.get_file_info(pafs.FileSelector(store.path(), allow_not_found=True))
-        for info in found:
-            name = info.path.rstrip("/").rsplit("/", 1)[-1]
-            if info.type == pafs.FileType.Directory and store.exists(f"{name}/_run.json"):
-                names.add(name)
-    return sorted(names)
+    roots = dict.fromkeys(f.rpartition("/shards/")[0] for f in files if "/shards/" in f)
+    return sorted({name for root in roots for name in of_output(open_store(root))})
 
 
 def _join_sidecars(con: duckdb.DuckDBPyConnection, files: list[str], src: str, wanted: list[str], available: str,
