@@ -48,7 +48,7 @@ import psutil
 import pyarrow as pa
 from PIL import Image
 
-from bench import captions, flow, models, synth
+from bench import accuracy, captions, flow, models, synth
 from bench.corpus import REPO, CorpusSpec, build_corpus
 from bench.memory import TreeSampler
 from schemas.config import CurateConfig
@@ -71,6 +71,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "rss_growth_default": ("<=", 1.2),
     **flow.TARGETS,
     **models.TARGETS,
+    **accuracy.TARGETS,
     **synth.TARGETS,
 }
 
@@ -89,6 +90,7 @@ class Plan:
     train_steps: int  # measured steps per loop and round, trainer vs minimal loop (~0.05 s each)
     train_rounds: int  # rounds alternating the two loops
     loader_batches: int  # batches of 4 per loader side (512 px: ~0.04 s each)
+    decision_rows: int = 300  # rows through the default config, previous and now (~0.2 s each)
     default_rss_per_tar: int = 25  # the default-config memory runs: small images, small tars,
     default_rss_tars: int = 4  # this many tars vs 5x as many, so many shards pass through
     repeats: int = 2  # decode and chain passes, interleaved; the best of each is reported
@@ -104,7 +106,8 @@ PLANS = {
     # Fits in a minute on 2 cores from a cold cache: small tars keep 4 of them in the small corpus.
     # model_images went 6 -> 4 to make room for the train section (~8 s, half of it importing torch).
     "quick": Plan("quick", small_samples=200, per_tar=50, speedup_tars=8, compare_images=200, model_images=4,
-                  train_steps=6, train_rounds=2, loader_batches=4, default_rss_per_tar=4, default_rss_tars=2),
+                  train_steps=6, train_rounds=2, loader_batches=4, default_rss_per_tar=4, default_rss_tars=2,
+                  decision_rows=20),
 }
 
 
@@ -321,6 +324,8 @@ def print_table(results: dict[str, Any], header: str) -> None:
         flow.print_section(results["flow"])
     if "models" in results:
         models.print_section(results["models"])
+    if "accuracy" in results:
+        accuracy.print_section(results["accuracy"])
     if "captions" in results:
         captions.print_section(results["captions"])
     if "synth" in results:
@@ -419,7 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         results["flow"]["machine"] = info
     if args.only in ("all", "models"):
         with phase(phases, "models", f"{plan.model_images} images: each signal, full chain, naive loop"):
-            results |= models.measure(load_batches(shards, bench_config(1), plan.model_images), plan.mode)
+            batches = load_batches(shards, bench_config(1), plan.model_images)
+            results |= models.measure(batches, plan.mode)
+        with phase(phases, "accuracy", f"previous vs now: signals, {plan.decision_rows} rows' decisions"):
+            results |= accuracy.measure(batches, load_batches(shards, bench_config(1), plan.decision_rows),
+                                        frozenset(results["models"]["skipped"]))
         results["models"]["machine"] = info
     if args.only in ("all", "train"):
         with phase(phases, "train", f"{plan.train_rounds} x {plan.train_steps} steps per loop, loader "

@@ -89,7 +89,7 @@ RESUMABLE = ("run", "output", "source.changed", "storage")
 
 def _as_read_now(cfg: dict[str, Any]) -> dict[str, Any]:
     """A stored config as the current code reads it: defaults added since the run started
-    filled in, each signal's parameters with their defaults (``ocr: {}`` is ``det_side: 320``)."""
+    filled in, each signal's parameters with their defaults (``ocr: {}`` is ``det_side: 256``)."""
     try:
         data = CurateConfig.model_validate(cfg).model_dump(mode="json")
     except ValueError:  # a key this code no longer knows: compare as stored

@@ -169,6 +169,21 @@ def test_grey_decode_when_no_signal_reads_colour():
     assert diff.mean() < 2.0 and grey.decodes == 1
 
 
+def test_grey_views_follow_the_rgb_path_in_one_channel():
+    """grey(side) is pixels(side) in grey, made the same way (decode, decode_side, side) from a
+    grey decode; views are cached, and one decode serves RGB views, grey views and load()."""
+    s = sample(photo("blip.jpg"), side=640)
+    assert s.grey(512).mode == "L" and s.grey(512).size == s.pixels(512).size
+    want = np.asarray(s.pixels(512).convert("L"), dtype=np.int16)
+    diff = np.abs(np.asarray(s.grey(512), dtype=np.int16) - want)
+    assert diff.max() <= 2 and diff.mean() < 0.6
+    assert s.grey(512) is s.grey(512) and s.grey(64).size[1] == 64
+    assert s.load().size == (1024, 683) and s.decode().size == (960, 640)  # DCT-scaled decode, then decode_side
+    assert s.decodes == 1
+    s.release()
+    assert s.grey(64).size[1] == 64 and s.decodes == 2
+
+
 def test_grey_decode_of_odd_modes():
     cmyk = Image.open(io.BytesIO(photo("cat.jpg"))).convert("CMYK")
     s = ImageSample(encode(cmyk, "JPEG"), max_pixels=10**8, max_file_bytes=10**8, decode_side=64, color=False)

@@ -51,7 +51,7 @@ class PHash(Signal):
         return 64
 
     def compute(self, sample: Sample) -> dict[str, Any]:
-        return {"phash": phash64(sample.image.pixels(64))}
+        return {"phash": phash64(sample.image.grey(64))}
 
 
 SIGNAL = PHash

@@ -1,0 +1,130 @@
+"""The signals as they were before issue 15's speed-ups, kept callable here (the bench), not in the
+product, so every figure and every accuracy check has the old path beside the new one.
+
+What changed, and what each previous version does instead:
+
+- views: sharpness, pHash and BRISQUE read grey views resized from a grey decode
+  (``ImageSample.grey``, the same PIL bilinear path in one channel). Before, they read RGB views
+  (``ImageSample.pixels``) and converted them. Faces and OCR read RGB views as before (an OpenCV
+  resize for faces changed 1-4 face counts in 270 images; PIL's did not).
+- BRISQUE: OpenCV's separable blur, dot-product sums, a table for the shape parameter, grey in.
+  Before: scipy's ``convolve2d``, masked sums, ``scipy.optimize.root`` per fit, skimage's grey
+  from RGB.
+- OCR: detection at 256 px short side (``det_side``), before 320.
+
+``previous_chain(cfg, skip)`` is a ``Chain`` whose signals are these previous versions, with the
+same parameters otherwise, so the same rules and rows run through both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from schemas.config import CurateConfig
+from tasks.chain import Chain
+from tasks.signals import quality
+from tasks.signals.base import Sample, Signal
+from tasks.signals.ocr import Ocr, OcrParams
+from tasks.signals.phash import PHash, phash64
+from tasks.signals.quality import Quality
+from tasks.signals.sharpness import Sharpness, laplacian_variance
+
+PREVIOUS_DET_SIDE = 320
+
+
+def _blur_scipy(img: np.ndarray) -> np.ndarray:
+    """The previous 7x7 zero-filled Gaussian: scipy's ``convolve2d`` with the 2-D kernel."""
+    from scipy.signal import convolve2d
+
+    g = quality._gauss7_1d()
+    return convolve2d(img, np.outer(g, g), "same")
+
+
+def _aggd_fit_masked(x: np.ndarray) -> tuple[float, float, float, float]:
+    """The previous AGGD fit: masked sums and a root search for alpha (the package's way)."""
+    from scipy.optimize import root
+    from scipy.special import gamma
+
+    if x.size == 0:
+        return (np.nan,) * 4
+    x2 = x * x
+    neg = x < 0
+    n_left = np.count_nonzero(neg)
+    sum_all = x2.sum()
+    sum_left = np.sum(x2, where=neg)
+    left = sum_left / n_left
+    right = (sum_all - sum_left) / (x.size - n_left)
+    r_hat = np.abs(x).mean() ** 2 / (sum_all / x.size)
+    g = np.sqrt(left) / np.sqrt(right)
+    big_r = r_hat * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
+    if not np.isfinite(big_r):
+        return (np.nan,) * 4
+    alpha = float(root(lambda z: quality._phi(z) - big_r, [0.2]).x[0])
+    sl, sr = np.sqrt(left), np.sqrt(right)
+    mean = (sr - sl) * np.sqrt(gamma(1 / alpha) / gamma(3 / alpha)) * gamma(2 / alpha) / gamma(1 / alpha)
+    return alpha, float(mean), float(left), float(right)
+
+
+@contextmanager
+def previous_brisque() -> Iterator[None]:
+    """The previous blur and fit swapped into ``tasks.signals.quality`` for this process, for the
+    duration: ``brisque_score`` is then the previous version (fed RGB, as it was)."""
+    saved = quality._blur, quality.aggd_fit
+    quality._blur, quality.aggd_fit = _blur_scipy, _aggd_fit_masked
+    try:
+        yield
+    finally:
+        quality._blur, quality.aggd_fit = saved
+
+
+def previous_brisque_score(rgb: np.ndarray) -> float | None:
+    with previous_brisque():
+        return quality.brisque_score(rgb)
+
+
+class PreviousSharpness(Sharpness):
+    def compute(self, sample: Sample) -> dict[str, Any]:
+        grey = np.asarray(sample.image.pixels(self.params.short_side).convert("L"))
+        return {"sharpness": laplacian_variance(grey)}
+
+
+class PreviousPHash(PHash):
+    def compute(self, sample: Sample) -> dict[str, Any]:
+        return {"phash": phash64(sample.image.pixels(64))}
+
+
+class PreviousQuality(Quality):
+    color = True
+
+    def compute(self, sample: Sample) -> dict[str, Any]:
+        return {"quality": previous_brisque_score(np.asarray(sample.image.pixels(self.params.short_side)))}
+
+
+PREVIOUS: dict[str, type[Signal]] = {
+    "sharpness": PreviousSharpness, "phash": PreviousPHash, "quality": PreviousQuality,
+}
+CHANGED = frozenset({*PREVIOUS, "ocr"})  # the signals with a previous version to time beside
+
+
+def previous_signal(signal: Signal, explicit: dict[str, Any]) -> Signal:
+    """The previous version of ``signal`` with its parameters; OCR's ``det_side`` goes back to 320
+    unless the config set it (``explicit``: the signal's entry in the config)."""
+    if signal.name == "ocr" and "det_side" not in explicit:
+        return Ocr(OcrParams.model_validate({**signal.params.model_dump(), "det_side": PREVIOUS_DET_SIDE}))
+    cls = PREVIOUS.get(signal.name)
+    return signal if cls is None else cls(signal.params)
+
+
+def previous_chain(cfg: CurateConfig, skip: frozenset[str] = frozenset()) -> Chain:
+    """A Chain over ``cfg`` whose signals are the previous versions (rules, buckets, order the same)."""
+    chain = Chain(cfg, skip=skip)
+    chain.signals = [previous_signal(s, cfg.signals.get(s.name, {})) for s in chain.signals]
+    chain.active = [s for s in chain.signals if s.name not in skip]
+    chain.color = any(s.color for s in chain.active if s.pixel_side() is not None)
+    sides = [p for p in (s.pixel_side() for s in chain.active) if p is not None]
+    chain.decode_side = max(sides, default=chain.decode_side)
+    return chain
