@@ -10,7 +10,9 @@ What changed, and what each previous version does instead:
 - BRISQUE: OpenCV's separable blur, dot-product sums, a table for the shape parameter, grey in.
   Before: scipy's ``convolve2d``, masked sums, ``scipy.optimize.root`` per fit, skimage's grey
   from RGB.
-- OCR: detection at 256 px short side (``det_side``), before 320.
+- OCR: detection at 256 px short side (``det_side``), before 320; lines cut for the recogniser at
+  most 96 px high (``crop_line``), before at full size (rapidocr's ``get_rotate_crop_image``);
+  onnxruntime's memory arena on (not swapped back here: a session setting).
 
 ``previous_chain(cfg, skip)`` is a ``Chain`` whose signals are these previous versions, with the
 same parameters otherwise, so the same rules and rows run through both.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -36,12 +39,21 @@ from tasks.signals.sharpness import Sharpness, laplacian_variance
 PREVIOUS_DET_SIDE = 320
 
 
+@cache
+def _gauss7() -> np.ndarray:
+    """The package's normalised 7x7 Gaussian (sigma 7/6), built its way: the outer product of the
+    1-D kernel differs in the last bit, which in flat areas flips the sign of ~0 MSCN values."""
+    y, x = np.indices((7, 7)) - 3
+    sigma = 7 / 6
+    k = 1 / (2 * np.pi * sigma**2) * np.exp(-(x**2 + y**2) / (2 * sigma**2))
+    return k / np.sum(k)
+
+
 def _blur_scipy(img: np.ndarray) -> np.ndarray:
-    """The previous 7x7 zero-filled Gaussian: scipy's ``convolve2d`` with the 2-D kernel."""
+    """The previous 7x7 zero-filled Gaussian: scipy's ``convolve2d`` with the package's kernel."""
     from scipy.signal import convolve2d
 
-    g = quality._gauss7_1d()
-    return convolve2d(img, np.outer(g, g), "same")
+    return convolve2d(img, _gauss7(), "same")
 
 
 def _aggd_fit_masked(x: np.ndarray) -> tuple[float, float, float, float]:
@@ -86,6 +98,16 @@ def previous_brisque_score(rgb: np.ndarray) -> float | None:
         return quality.brisque_score(rgb)
 
 
+class PreviousOcr(Ocr):
+    """Lines cut at full size (rapidocr's own crop), detection at 320 unless the config says."""
+
+    @staticmethod
+    def crop(bgr: np.ndarray, box: np.ndarray) -> np.ndarray:
+        from rapidocr.utils.process_img import get_rotate_crop_image
+
+        return get_rotate_crop_image(bgr, box)
+
+
 class PreviousSharpness(Sharpness):
     def compute(self, sample: Sample) -> dict[str, Any]:
         grey = np.asarray(sample.image.pixels(self.params.short_side).convert("L"))
@@ -105,18 +127,19 @@ class PreviousQuality(Quality):
 
 
 PREVIOUS: dict[str, type[Signal]] = {
-    "sharpness": PreviousSharpness, "phash": PreviousPHash, "quality": PreviousQuality,
+    "sharpness": PreviousSharpness, "phash": PreviousPHash, "quality": PreviousQuality, "ocr": PreviousOcr,
 }
-CHANGED = frozenset({*PREVIOUS, "ocr"})  # the signals with a previous version to time beside
+CHANGED = frozenset(PREVIOUS)  # the signals with a previous version to time beside
 
 
 def previous_signal(signal: Signal, explicit: dict[str, Any]) -> Signal:
     """The previous version of ``signal`` with its parameters; OCR's ``det_side`` goes back to 320
     unless the config set it (``explicit``: the signal's entry in the config)."""
+    params = signal.params
     if signal.name == "ocr" and "det_side" not in explicit:
-        return Ocr(OcrParams.model_validate({**signal.params.model_dump(), "det_side": PREVIOUS_DET_SIDE}))
+        params = OcrParams.model_validate({**params.model_dump(), "det_side": PREVIOUS_DET_SIDE})
     cls = PREVIOUS.get(signal.name)
-    return signal if cls is None else cls(signal.params)
+    return signal if cls is None else cls(params)
 
 
 def previous_chain(cfg: CurateConfig, skip: frozenset[str] = frozenset()) -> Chain:

@@ -65,7 +65,7 @@ RESULTS = REPO / "bench-results.json"
 # purpose, so the figures stay comparable from one commit to the next.
 SIGNALS = ("resolution", "caption", "sharpness", "phash")
 TARGETS: dict[str, tuple[str, float]] = {
-    "chain_cost_vs_decode": ("<=", 1.5),
+    "chain_cost_vs_decode": ("<=", 1.0),  # issue 15 (was 1.5); not reached yet, see the README
     "workers_speedup": (">=", 1.7),
     "rss_growth": ("<=", 1.2),
     "rss_growth_default": ("<=", 1.2),

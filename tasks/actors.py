@@ -256,6 +256,9 @@ class ModelActor:
 
     def __init__(self, cls: type, params: dict[str, Any], batch_size: int):
         """``cls`` itself, not its name, so a class the driver registered (a test's) loads too."""
+        from tasks.alloc import keep_large_allocations
+
+        keep_large_allocations()  # model inputs of a few MB each reuse the heap (tasks/alloc.py)
         self.model = cls(cls.Params.model_validate(params))
         self.model.ensure_setup()
         self.batcher = Batcher(self.model.infer, batch_size)

@@ -19,6 +19,7 @@ from PIL import Image
 from schemas.arrow import kept_schema, reject_schema
 from schemas.config import CurateConfig
 from tasks.actors import ErrorRate, ItemError, ModelFailing, Pools, infer_on_pool
+from tasks.alloc import keep_large_allocations
 from tasks.buckets import BucketAssigner
 from tasks.decode import DecodeError, ImageSample, describe, stable_text
 from tasks.rules import first_failure
@@ -68,6 +69,7 @@ class Chain:
     def __init__(self, cfg: CurateConfig, pools: Pools | None = None, skip: frozenset[str] = frozenset()):
         """``pools``: actor handles per model signal (else models run here); ``skip``:
         signals left empty because they cannot run here (their columns stay, null)."""
+        keep_large_allocations()  # per-image temporaries reuse the heap (tasks/alloc.py)
         self.cfg = cfg
         self.pools = pools or {}
         Image.MAX_IMAGE_PIXELS = cfg.decode.max_pixels  # Pillow's own check, behind ours
