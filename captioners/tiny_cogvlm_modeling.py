@@ -1,5 +1,6 @@
 """A tiny CogVLM-shaped model for tests: copied into a model folder as ``modeling_tinycogvlm.py`` and
-loaded through transformers' remote-code path (``trust_remote_code=True``), like a real CogVLM folder.
+loaded through transformers' remote-code path (a config opting in with ``trust_remote_code: true``),
+like a real CogVLM folder.
 
 It follows the interface of CogVLM / CogVLM2's own ``modeling_cogvlm.py`` (what
 ``captioners.cogvlm.CogVLMCaptioner`` relies on), not its architecture's size:
@@ -17,8 +18,8 @@ It follows the interface of CogVLM / CogVLM2's own ``modeling_cogvlm.py`` (what
 
 Everything is small and random: a patch conv, a 2x2 conv and a projection for vision, a pre-norm
 transformer with learned positions for the LM, using transformers' ``Cache`` for generation.
-This file runs only when a loader says ``trust_remote_code=True``: it sets ``LOADED_MARKER`` in
-``os.environ`` at import, so a test can tell whether it ran.
+This file runs only when a loader allows remote code (``trust_remote_code: true`` in the config):
+it sets ``LOADED_MARKER`` in ``os.environ`` at import, so a test can tell whether it ran.
 """
 
 from __future__ import annotations

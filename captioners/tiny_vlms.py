@@ -3,7 +3,8 @@
 * ``write_tiny_cogvlm``: a CogVLM-shaped remote-code folder: ``config.json`` with an ``auto_map``
   pointing at ``modeling_tinycogvlm.py`` (a copy of ``captioners/tiny_cogvlm_modeling.py``), random
   weights, and a byte-level BPE tokenizer. It loads only through transformers' real remote-code path
-  (``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, local_files_only=True)``).
+  (``from_pretrained(folder, local_files_only=True)`` with remote code allowed, as a caption config
+  with ``trust_remote_code: true`` asks).
 * ``write_tiny_qwen2vl``: a Qwen2VLForConditionalGeneration with a Qwen2VLProcessor (a small
   image processor: patch 4, merge 2, at most 32x32 pixels) and a Qwen-like chat template.
 * ``write_tiny_smolvlm``: an Idefics3ForConditionalGeneration (what SmolVLM is) with an

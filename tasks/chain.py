@@ -115,7 +115,7 @@ class Chain:
         started = time.process_time()
         if signal.pixel_side() is not None:
             for r in live:  # decode (once) before the signal, so a bad image is a reject; the
-                try:  # signal makes the view it reads (grey, array or PIL) itself
+                try:  # signal makes the view it reads (grey or RGB) itself
                     r.sample.image.load()
                 except DecodeError as exc:
                     r.reject(exc.reason, exc.detail)

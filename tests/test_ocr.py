@@ -263,3 +263,21 @@ def test_min_confidence_outside_zero_to_one_is_refused(floor: float) -> None:
 def test_the_old_two_floors_name_their_replacement(old: str) -> None:
     with pytest.raises(ValidationError, match=f"{old}: replaced by min_confidence"):
         OcrParams(**{old: 0.5})
+
+
+def test_crop_line_caps_tall_lines_and_stands_vertical_ones() -> None:
+    """A line up to 96 px high is cut as rapidocr cuts it; a taller one is cut at 96 px high (the
+    recogniser shrinks it to 48 anyway); a standing line comes back turned, its height capped."""
+    from rapidocr.utils.process_img import get_rotate_crop_image
+
+    from tasks.signals.ocr import MAX_LINE_PX, crop_line
+
+    bgr = np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8)
+    small = np.array([[10, 20], [210, 20], [210, 60], [10, 60]], np.float32)
+    assert np.array_equal(crop_line(bgr, small), get_rotate_crop_image(bgr, small))
+    tall = np.array([[0, 0], [700, 0], [700, 400], [0, 400]], np.float32)
+    cut = crop_line(bgr, tall)
+    assert cut.shape[0] == MAX_LINE_PX and cut.shape[1] == 700 * MAX_LINE_PX // 400
+    standing = np.array([[100, 0], [300, 0], [300, 580], [100, 580]], np.float32)
+    up = crop_line(bgr, standing)
+    assert up.shape[:2] == (MAX_LINE_PX, 580 * MAX_LINE_PX // 200)  # turned: the 200 px width is its height
