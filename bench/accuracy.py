@@ -13,7 +13,10 @@ lines in Noto Sans CJK at 28-96 px). Checks (the issue's bars):
   99 % of ``decision_rows`` bench corpus rows as the previous versions did; the differences listed;
 - sharpness stays scale-stable: each test photo encoded at short sides 600-2000 px, the spread
   (coefficient of variation) of its sharpness across those sizes, previous and now;
-- pHash: Hamming distance between the previous and the new hashes (no rule reads it).
+- pHash: Hamming distance between the previous and the new hashes (no rule reads it);
+- views: every view the default chain makes (RGB and grey, each side its signals ask for) equal,
+  byte for byte, to the one Pillow's own resize makes (``tasks.resample``'s claim): the figures
+  read off them, sharpness's scale stability among them, are then the previous ones by construction.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import pyarrow as pa
 from PIL import Image
 
 from bench import cost_study
-from bench.previous import previous_chain
+from bench.previous import previous_chain, previous_views
 from schemas.config import CurateConfig
 from tasks.chain import Chain
+from tasks.decode import DecodeError, ImageSample
 from tasks.signals.phash import hamming
 
 TARGETS: dict[str, tuple[str, float]] = {
@@ -37,6 +41,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "ocr_false_text_photos": ("<=", 0),
     "quality_spearman": (">=", 0.95),
     "decisions_equal_fraction": (">=", 0.99),
+    "views_equal_fraction": (">=", 1.0),
 }
 OCR_TOLERANCE = 0.02
 STABILITY_SIDES = (600, 800, 1000, 1400, 2000)
@@ -106,6 +111,33 @@ def decision_checks(batches: list[pa.RecordBatch], skip: frozenset[str]) -> dict
             "decisions_equal_fraction": round(1 - len(diffs) / len(prev), 4), "differences": diffs}
 
 
+def _views(data: bytes, chain: Chain, color: bool) -> list[np.ndarray]:
+    """The views the chain's signals read, at their sides (the base first), from one sample."""
+    sample = ImageSample(data, max_pixels=chain.cfg.decode.max_pixels, max_file_bytes=chain.cfg.decode.max_file_bytes,
+                         decode_side=chain.decode_side, color=color)
+    sides = [None, *sorted({s for s in (sig.pixel_side() for sig in chain.active) if s is not None}, reverse=True)]
+    return [sample.pixel_array(s) for s in sides] + [sample.grey_array(s) for s in sides]
+
+
+def view_checks(images: dict[str, bytes], skip: frozenset[str]) -> dict[str, Any]:
+    """Each image's views, made now and the previous way (Pillow's resize): equal bytes?"""
+    chain = Chain(CurateConfig(), skip=skip)
+    equal = total = 0
+    differ: list[str] = []
+    for key, data in images.items():
+        for color in (True, False):
+            try:
+                now = _views(data, chain, color)
+                with previous_views():
+                    before = _views(data, chain, color)
+            except DecodeError:
+                continue
+            same = [a.shape == b.shape and np.array_equal(a, b) for a, b in zip(now, before, strict=True)]
+            equal, total = equal + sum(same), total + len(same)
+            differ += [key] if not all(same) else []
+    return {"views": total, "views_equal_fraction": round(equal / total, 6), "views_differ": sorted(set(differ))}
+
+
 def _encoded_at(img: Image.Image, side: int) -> bytes:
     scale = side / min(img.size)
     buf = io.BytesIO()
@@ -141,10 +173,13 @@ def measure(batches: list[pa.RecordBatch], decision_batches: list[pa.RecordBatch
     signals = signal_checks(images | texts, set(texts), skip)
     decisions = decision_checks(decision_batches, skip)
     stability = sharpness_stability(skip)
+    views = view_checks(images | texts, skip)
     headline = {k: signals[k] for k in ("face_count_diffs", "ocr_max_area_diff", "ocr_false_text_photos",
                                         "quality_spearman")}
     headline["decisions_equal_fraction"] = decisions["decisions_equal_fraction"]
-    return {**headline, "accuracy": {"signals": signals, "decisions": decisions, "stability": stability}}
+    headline["views_equal_fraction"] = views["views_equal_fraction"]
+    return {**headline, "accuracy": {"signals": signals, "decisions": decisions, "stability": stability,
+                                     "views": views}}
 
 
 def print_section(a: dict[str, Any]) -> None:
@@ -159,5 +194,8 @@ def print_section(a: dict[str, Any]) -> None:
           f"scale spread (CV over {st['sides']} px) previous {st['sharpness_scale_cv_previous']}, "
           f"now {st['sharpness_scale_cv_now']}")
     print(f"  pHash: Hamming to previous mean {s['phash_hamming_mean']}, max {s['phash_hamming_max']}")
+    v = a["views"]
+    print(f"  views: {v['views']} (RGB and grey, every side the default chain reads), "
+          f"{v['views_equal_fraction']:.4%} equal to Pillow's resize byte for byte {v['views_differ'] or ''}")
     print(f"  default config on {d['rows']} rows: {d['decisions_equal_fraction']:.2%} same decision "
           f"(kept {d['kept_previous']} -> {d['kept_now']}); differences: {d['differences'] or 'none'}")

@@ -7,9 +7,15 @@ What changed, and what each previous version does instead:
   (``ImageSample.grey``, the same PIL bilinear path in one channel). Before, they read RGB views
   (``ImageSample.pixels``) and converted them. Faces and OCR read RGB views as before (an OpenCV
   resize for faces changed 1-4 face counts in 270 images; PIL's did not).
-- BRISQUE: OpenCV's separable blur, dot-product sums, a table for the shape parameter, grey in.
-  Before: scipy's ``convolve2d``, masked sums, ``scipy.optimize.root`` per fit, skimage's grey
-  from RGB.
+- view resizes: ``tasks.resample``'s compiled copy of Pillow's bilinear arithmetic (the same
+  bytes), on arrays shared with Pillow through its Arrow export. Before: Pillow's ``resize``, and
+  ``np.asarray``'s copy out of Pillow for each signal (``previous_views``; the previous kept PIL
+  images between the steps, so its copies sat at other places: close, not identical, in cost).
+- BRISQUE: OpenCV's separable blur, the AGGD sums of the MSCN image and its four neighbour
+  products in one compiled pass (``tasks.signals.aggd``), a table for the shape parameter, the
+  SVM as a numpy dot product, grey in. Before: scipy's ``convolve2d``, the products stored and
+  summed with masks, ``scipy.optimize.root`` per fit, libsvm's predict (its OpenMP threads spin
+  on a second core), skimage's grey from RGB.
 - OCR: detection at 256 px short side (``det_side``), before 320; lines cut for the recogniser at
   most 96 px high (``crop_line``), before at full size (rapidocr's ``get_rotate_crop_image``);
   onnxruntime's memory arena on (not swapped back here: a session setting).
@@ -21,14 +27,17 @@ same parameters otherwise, so the same rules and rows run through both.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import cache
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+from PIL import Image
 
 from schemas.config import CurateConfig
-from tasks.chain import Chain
+from tasks import resample
+from tasks.chain import BatchResult, Chain
 from tasks.signals import quality
 from tasks.signals.base import Sample, Signal
 from tasks.signals.ocr import Ocr, OcrParams
@@ -81,16 +90,50 @@ def _aggd_fit_masked(x: np.ndarray) -> tuple[float, float, float, float]:
     return alpha, float(mean), float(left), float(right)
 
 
+def _features_stored(grey: np.ndarray) -> list[float]:
+    """The previous 18 features of one scale: each neighbour product stored, then fitted."""
+    m = quality.mscn(grey)
+    alpha, _, left, right = _aggd_fit_masked(m)
+    out = [alpha, (left + right) / 2]
+    for prod in (m[:, :-1] * m[:, 1:], m[:-1, :] * m[1:, :], m[:-1, :-1] * m[1:, 1:], m[1:, :-1] * m[:-1, 1:]):
+        out.extend(_aggd_fit_masked(prod))
+    return out
+
+
+def _svm_libsvm(scaled: np.ndarray) -> float:
+    """The previous prediction: libsvm's own, through its node arrays."""
+    from libsvm import svmutil
+
+    x, _ = svmutil.gen_svm_nodearray([float(f) for f in scaled], isKernel=False)
+    return float(svmutil.libsvm.svm_predict_probability(quality._model()[0], x, (svmutil.c_double * 1)()))
+
+
 @contextmanager
-def previous_brisque() -> Iterator[None]:
-    """The previous blur and fit swapped into ``tasks.signals.quality`` for this process, for the
-    duration: ``brisque_score`` is then the previous version (fed RGB, as it was)."""
-    saved = quality._blur, quality.aggd_fit
-    quality._blur, quality.aggd_fit = _blur_scipy, _aggd_fit_masked
+def _swapped(module: Any, **functions: Any) -> Iterator[None]:
+    """``module``'s functions replaced by these for the duration, in this process."""
+    saved = {name: getattr(module, name) for name in functions}
+    for name, fn in functions.items():
+        setattr(module, name, fn)
     try:
         yield
     finally:
-        quality._blur, quality.aggd_fit = saved
+        for name, fn in saved.items():
+            setattr(module, name, fn)
+
+
+def previous_brisque() -> AbstractContextManager[None]:
+    """The previous blur, fits and SVM swapped into ``tasks.signals.quality``: ``brisque_score`` is
+    then the previous version (fed RGB, as it was)."""
+    return _swapped(quality, _blur=_blur_scipy, _features=_features_stored, svr_predict=_svm_libsvm)
+
+
+def _pillow_resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(a).resize(size, Image.Resampling.BILINEAR, reducing_gap=resample.REDUCING_GAP))
+
+
+def previous_views() -> AbstractContextManager[None]:
+    """Views made the previous way: Pillow's resize, numpy's copy out of Pillow."""
+    return _swapped(resample, resize_array=_pillow_resize, as_array=np.asarray)
 
 
 def previous_brisque_score(rgb: np.ndarray) -> float | None:
@@ -129,7 +172,7 @@ class PreviousQuality(Quality):
 PREVIOUS: dict[str, type[Signal]] = {
     "sharpness": PreviousSharpness, "phash": PreviousPHash, "quality": PreviousQuality, "ocr": PreviousOcr,
 }
-CHANGED = frozenset(PREVIOUS)  # the signals with a previous version to time beside
+CHANGED = frozenset(PREVIOUS)  # the signals with a previous version to time beside (all read views)
 
 
 def previous_signal(signal: Signal, explicit: dict[str, Any]) -> Signal:
@@ -142,9 +185,18 @@ def previous_signal(signal: Signal, explicit: dict[str, Any]) -> Signal:
     return signal if cls is None else cls(params)
 
 
+class PreviousChain(Chain):
+    """A Chain whose views are made the previous way (``previous_views``) while it scores."""
+
+    def score_batch(self, batch: pa.RecordBatch, kept_keys: set[str]) -> BatchResult:
+        with previous_views():
+            return super().score_batch(batch, kept_keys)
+
+
 def previous_chain(cfg: CurateConfig, skip: frozenset[str] = frozenset()) -> Chain:
-    """A Chain over ``cfg`` whose signals are the previous versions (rules, buckets, order the same)."""
-    chain = Chain(cfg, skip=skip)
+    """A Chain over ``cfg`` whose signals and views are the previous versions (rules, buckets,
+    order the same)."""
+    chain = PreviousChain(cfg, skip=skip)
     chain.signals = [previous_signal(s, cfg.signals.get(s.name, {})) for s in chain.signals]
     chain.active = [s for s in chain.signals if s.name not in skip]
     chain.color = any(s.color for s in chain.active if s.pixel_side() is not None)

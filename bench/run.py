@@ -51,6 +51,7 @@ from PIL import Image
 from bench import accuracy, captions, flow, models, synth
 from bench.corpus import REPO, CorpusSpec, build_corpus
 from bench.memory import TreeSampler
+from bench.previous import previous_chain
 from schemas.config import CurateConfig
 from tasks.actors import pool_resources, pool_specs
 from tasks.chain import Chain
@@ -65,7 +66,7 @@ RESULTS = REPO / "bench-results.json"
 # purpose, so the figures stay comparable from one commit to the next.
 SIGNALS = ("resolution", "caption", "sharpness", "phash")
 TARGETS: dict[str, tuple[str, float]] = {
-    "chain_cost_vs_decode": ("<=", 1.0),  # issue 15 (was 1.5); not reached yet, see the README
+    "chain_cost_vs_decode": ("<=", 1.0),  # issue 15 (was 1.5)
     "workers_speedup": (">=", 1.7),
     "rss_growth": ("<=", 1.2),
     "rss_growth_default": ("<=", 1.2),
@@ -148,10 +149,13 @@ def time_full_decode(images: list[bytes]) -> float:
     return time.perf_counter() - started
 
 
-def time_chain(batches: list[pa.RecordBatch], cfg: CurateConfig) -> tuple[float, dict[str, int]]:
+def time_chain(batches: list[pa.RecordBatch], cfg: CurateConfig,
+               previous: bool = False) -> tuple[float, dict[str, int]]:
     """Seconds for ``Chain.score_batch`` over the batches (header, decode, signals, rules,
-    output rows), and how many rows were kept and rejected."""
-    chain = Chain(cfg)  # built once per worker in the runner too: not part of the per-image cost
+    output rows), and how many rows were kept and rejected (``previous``: the signals and view
+    resizes as they were before issue 15, bench/previous.py)."""
+    # built once per worker in the runner too: not part of the per-image cost
+    chain = previous_chain(cfg) if previous else Chain(cfg)
     seen: set[str] = set()
     kept = rejected = decodes = 0
     started = time.perf_counter()
@@ -165,27 +169,33 @@ def time_chain(batches: list[pa.RecordBatch], cfg: CurateConfig) -> tuple[float,
 
 
 def measure_decode_vs_chain(shards: list[SourceShard], plan: Plan) -> dict[str, Any]:
-    """Both passes over the same rows, interleaved so a burst of outside load hits both alike."""
+    """Both passes over the same rows, interleaved so a burst of outside load hits both alike;
+    the previous chain (bench/previous.py) runs beside them, so the change is read off one run."""
     cfg = bench_config(workers=1)
     batches = load_batches(shards, cfg, plan.compare_images)
     images = [data for b in batches for data in b.column("image").to_pylist()]
-    decode_s, chain_s = [], []
+    decode_s, chain_s, previous_s = [], [], []
     with TreeSampler() as mem:
         for _ in range(plan.repeats):
             decode_s.append(time_full_decode(images))
             seconds, counts = time_chain(batches, cfg)
             chain_s.append(seconds)
+            seconds, previous_counts = time_chain(batches, cfg, previous=True)
+            previous_s.append(seconds)
     n = len(images)
-    decode_ips, chain_ips = n / min(decode_s), n / min(chain_s)
+    decode_ips, chain_ips, previous_ips = n / min(decode_s), n / min(chain_s), n / min(previous_s)
     return {
         "images": n,
         "mean_image_kb": round(sum(map(len, images)) / n / 1024, 1),
         "mean_megapixels": round(_mean_megapixels(images), 3),
         "decode_seconds": [round(s, 3) for s in decode_s],
         "chain_seconds": [round(s, 3) for s in chain_s],
+        "previous_chain_seconds": [round(s, 3) for s in previous_s],
         "decode_images_per_s": round(decode_ips, 1),
         "chain_images_per_s": round(chain_ips, 1),
         "chain_cost_vs_decode": round(decode_ips / chain_ips, 3),
+        "previous_chain_cost_vs_decode": round(decode_ips / previous_ips, 3),
+        "same_decisions_as_previous": previous_counts == counts,
         "other_cpu_s": round(mem.other_cpu_s, 2),
         **counts,
     }
@@ -306,8 +316,8 @@ def passed(name: str, value: float) -> bool:
 
 
 def print_table(results: dict[str, Any], header: str) -> None:
-    figures = ("decode_images_per_s", "chain_images_per_s", "flow_streamed_s", "flow_sequential_s",
-               "full_chain_images_per_s", "naive_images_per_s",
+    figures = ("decode_images_per_s", "chain_images_per_s", "previous_chain_cost_vs_decode", "flow_streamed_s",
+               "flow_sequential_s", "full_chain_images_per_s", "naive_images_per_s",
                "train_step_s", "minimal_step_s", "train_step_ema_s", "loader_samples_per_s_per_core")
     rows = [(name, results[name], "", "") for name in figures if results.get(name) is not None]
     for name, (op, target) in TARGETS.items():
@@ -477,6 +487,7 @@ def measure_curate(corpus: Path, shards: list[SourceShard], plan: Plan, spec: Co
         "decode_images_per_s": compare["decode_images_per_s"],
         "chain_images_per_s": compare["chain_images_per_s"],
         "chain_cost_vs_decode": compare["chain_cost_vs_decode"],
+        "previous_chain_cost_vs_decode": compare["previous_chain_cost_vs_decode"],
         "workers_speedup": workers["workers_speedup"],
         "rss_growth": rss["rss_growth"],
         "rss_peak_small_mb": rss["small"]["peak_rss_mb"],

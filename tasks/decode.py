@@ -3,7 +3,8 @@
 The header (size, orientation, format) is read without decoding pixels, so resolution
 rules reject an image before it costs a decode. Pixels are decoded at most once, at the
 smallest size that serves every enabled signal (JPEG's DCT scaling via ``draft`` makes that
-2-8x cheaper than a full decode); smaller views are resized from that one decode.
+2-8x cheaper than a full decode); smaller views are resized from that one decode, as arrays
+(``tasks.resample``: Pillow's bilinear, the same bytes, faster), which the signals read.
 Truncated files fail: a half-grey image is bad training data.
 """
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from tasks import resample
 
 # Pillow's own bomb check is a second line behind ours; its warnings become errors.
 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -85,15 +88,31 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def resize_short_side(img: Image.Image, side: int) -> Image.Image:
-    """Scale so the short side is ``side``; never upscale."""
-    w, h = img.size
-    short = min(w, h)
+def short_side_size(width: int, height: int, side: int) -> tuple[int, int] | None:
+    """(width, height) scaled so the short side is ``side``; None where that would upscale."""
+    short = min(width, height)
     if short <= side:
-        return img
+        return None
     scale = side / short
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize_short_side(img: Image.Image, side: int) -> Image.Image:
+    """Scale so the short side is ``side`` (Pillow's bilinear, reducing_gap 2); never upscale."""
+    size = short_side_size(*img.size, side)
+    return img if size is None else resample.resize(img, size)
+
+
+def _short_side(a: np.ndarray, side: int | None) -> np.ndarray:
+    """``resize_short_side`` for a pixel array."""
+    size = None if side is None else short_side_size(a.shape[1], a.shape[0], side)
+    return a if size is None else resample.resize_array(a, size)
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """Cached views are shared by every signal: none may write into another's pixels."""
+    a.flags.writeable = False
+    return a
 
 
 # Formats web image-text data comes in (JPEG covers MPO, what many cameras write). Pillow opens
@@ -132,9 +151,9 @@ class ImageSample:
         self._color = color
         self._max_pixels = max_pixels
         self._raw: Image.Image | None = None  # the decode itself, before any resize
-        self._base: Image.Image | None = None
-        self._views: dict[int | None, Image.Image] = {}
-        self._grey: dict[int | None, Image.Image] = {}
+        self._opened: Image.Image | None = None  # the header's parse, until the decode uses it
+        self._views: dict[int | None, np.ndarray] = {}
+        self._grey: dict[int | None, np.ndarray] = {}
         self.decodes = 0
         self.header = self._read_header()
 
@@ -148,7 +167,11 @@ class ImageSample:
 
     def _read_header(self) -> Header:
         try:
-            return self._header_of(self._open())
+            img = self._open()
+            header = self._header_of(img)
+            # A JPEG's markers cost a tenth of its decode to parse: the decode reuses this parse.
+            self._opened = img if header.format == "JPEG" else None
+            return header
         except DecodeError:
             raise
         except Exception as exc:  # Pillow raises many types for odd metadata; a bad file is a reject
@@ -181,7 +204,7 @@ class ImageSample:
         DCT scaling toward ``decode_side``, else full size): decoded on first call only."""
         if self._raw is not None:
             return self._raw
-        img = self._open()
+        img, self._opened = self._opened or self._open(), None
         try:
             if self._decode_side is not None and img.format == "JPEG":
                 # A square request keeps both stored axes >= side, whatever the orientation.
@@ -204,45 +227,53 @@ class ImageSample:
         return img
 
     def decode(self) -> Image.Image:
-        """The upright base image at ``decode_side`` (PIL bilinear from the decode), RGB (or L
-        without ``color``)."""
-        if self._base is None:
-            img = self.load()
-            self._base = img if self._decode_side is None else resize_short_side(img, self._decode_side)
-        return self._base
+        """The upright base image at ``decode_side`` (Pillow's bilinear from the decode), RGB
+        (or L without ``color``): for code that hands a PIL image on (captioners)."""
+        return self.pixels()
 
     def pixels(self, side: int | None = None) -> Image.Image:
-        """Upright RGB with short side ``side`` (or the base size), cached per size."""
-        return self._view(self._views, self.decode, side)
+        """``pixel_array(side)`` as a PIL image (a copy): for code that draws or saves it."""
+        return Image.fromarray(self.pixel_array(side))
 
     def grey(self, side: int | None = None) -> Image.Image:
-        """``pixels(side)`` in grey ("L"), made the same way (the decode, then ``decode_side``,
-        then ``side``, PIL bilinear) but from a grey decode: a third of the resize work. The
-        figures that read it (sharpness, BRISQUE) move with the resize path, so it is the same
-        path; only the rounding of the grey conversion moves (0.6 % of sharpness, on average)."""
-        def base() -> Image.Image:
+        """``grey_array(side)`` as a PIL image (a copy)."""
+        return Image.fromarray(self.grey_array(side))
+
+    def pixel_array(self, side: int | None = None) -> np.ndarray:
+        """Upright RGB (h, w, 3), or L (h, w) without ``color``, short side ``side`` (None: the
+        base at ``decode_side``): read-only, cached per size. Signals read these."""
+        return self._view(self._views, lambda: resample.as_array(self.load()), side)
+
+    def grey_array(self, side: int | None = None) -> np.ndarray:
+        """``pixel_array(side)`` in grey, made the same way (the decode, then ``decode_side``,
+        then ``side``, Pillow's bilinear) but from a grey decode: a third of the resize work.
+        The figures that read it (sharpness, BRISQUE) move with the resize path, so it is the
+        same path; only the rounding of the grey conversion moves (0.6 % of sharpness, on average)."""
+        def full() -> np.ndarray:
             img = self.load()
-            img = img if img.mode == "L" else img.convert("L")
-            return img if self._decode_side is None else resize_short_side(img, self._decode_side)
+            return resample.as_array(img if img.mode == "L" else img.convert("L"))
 
-        return self._view(self._grey, base, side)
+        return self._view(self._grey, full, side)
 
-    def _view(self, cache: dict[int | None, Image.Image], base: Callable[[], Image.Image],
-              side: int | None) -> Image.Image:
-        """A cached view at ``side``, resized from the smallest cached one still large enough."""
+    def _view(self, cache: dict[int | None, np.ndarray], full: Callable[[], np.ndarray],
+              side: int | None) -> np.ndarray:
+        """A cached view at ``side``, resized from the smallest cached one still large enough
+        (the base, at ``decode_side``, comes first)."""
         if side in cache:
             return cache[side]
-        best = cache[None] if None in cache else cache.setdefault(None, base())
+        if None not in cache:
+            cache[None] = _read_only(_short_side(full(), self._decode_side))
+        best = cache[None]
         if side is not None:
             for view in cache.values():
-                if side <= min(view.size) < min(best.size):
+                if side <= min(view.shape[:2]) < min(best.shape[:2]):
                     best = view
-            best = resize_short_side(best, side)
+            best = _read_only(_short_side(best, side))
         cache[side] = best
         return best
 
     def release(self) -> None:
         """Drop pixels (the header stays) so a batch does not hold every image at once."""
-        self._raw = self._base = None
+        self._raw = self._opened = None
         for cache in (self._views, self._grey):
             cache.clear()

@@ -58,3 +58,20 @@ def ray_runtime():
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(Path(__file__).parent)}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """One Prefect server and process worker (``t2i up``) for every module that runs deployments
+    (tests/test_prefect_flow.py, tests/test_prefect_caption.py): starting them costs ~25 s."""
+    from s3_server import _free_ports
+
+    state = tmp_path_factory.mktemp("t2i-state")
+    os.environ["T2I_STATE_DIR"] = str(state)
+    from pipelines import stack as stack_mod
+
+    started = stack_mod.up(port=_free_ports(1)[0])
+    env = stack_mod.prefect_env(started.api_url)
+    yield stack_mod, started, env
+    stack_mod.down()
+    os.environ.pop("T2I_STATE_DIR", None)

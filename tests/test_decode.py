@@ -177,7 +177,9 @@ def test_grey_views_follow_the_rgb_path_in_one_channel():
     want = np.asarray(s.pixels(512).convert("L"), dtype=np.int16)
     diff = np.abs(np.asarray(s.grey(512), dtype=np.int16) - want)
     assert diff.max() <= 2 and diff.mean() < 0.6
-    assert s.grey(512) is s.grey(512) and s.grey(64).size[1] == 64
+    assert s.grey_array(512) is s.grey_array(512) and s.grey(64).size[1] == 64  # cached, shared
+    assert not s.grey_array(512).flags.writeable and not s.pixel_array(512).flags.writeable
+    assert np.array_equal(s.grey_array(512), np.asarray(s.grey(512)))
     assert s.load().size == (1024, 683) and s.decode().size == (960, 640)  # DCT-scaled decode, then decode_side
     assert s.decodes == 1
     s.release()

@@ -15,8 +15,9 @@ from pydantic import ValidationError
 
 from tasks.decode import ImageSample
 from tasks.signals import registry
+from tasks.signals.arrays import fit_short_side
 from tasks.signals.base import Sample
-from tasks.signals.ocr import Ocr, OcrParams, caption_with_text, confident, union_area_ratio
+from tasks.signals.ocr import Ocr, OcrParams, caption_with_text, confident, det_input, union_area_ratio
 
 DATA = Path(__file__).parent / "data"
 
@@ -174,6 +175,26 @@ def bus() -> tuple[Ocr, np.ndarray, np.ndarray, list[np.ndarray], list[tuple[str
     rgb = signal.prepare(sample("img2.jpg", "A bus", signal.pixel_side()))[0]
     view, boxes = signal._detect(rgb)
     return signal, rgb, view, boxes, signal._recognise(rgb, view, boxes)
+
+
+def test_detection_is_rapidocrs_text_detector_step_by_step(bus: tuple) -> None:
+    """``det_input`` is rapidocr's preprocessing to the bit, and ``_detect`` finds the boxes its
+    ``TextDetector`` finds, on the bus (text), a photo without text and an odd-sized crop."""
+    from rapidocr.ch_ppocr_det.utils import DetPreProcess
+
+    signal, rgb = bus[0], bus[1]
+    cat = signal.prepare(sample("cat.jpg", None, signal.pixel_side()))[0]
+    for img in (rgb, cat, np.ascontiguousarray(rgb[7:250, 13:200])):
+        view = fit_short_side(img, signal.params.det_side)
+        bgr = np.ascontiguousarray(view[:, :, ::-1])
+        limit = signal.params.det_max_side
+        assert np.array_equal(det_input(view, limit), DetPreProcess(limit, "max")(bgr))
+        found = signal._det(bgr)
+        want = [] if found.boxes is None else list(found.boxes)
+        got = signal._detect(img)[1]
+        assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    assert len(signal._detect(rgb)[1]) > 0
+    assert det_input(np.zeros((10, 3000, 3), np.uint8), 960) is None  # rounds to 0 px high: no boxes
 
 
 def row_at(floor: float, rgb: np.ndarray) -> dict:

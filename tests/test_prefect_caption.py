@@ -19,7 +19,6 @@ from tasks.runner import run
 
 ROOT = Path(__file__).resolve().parent.parent
 CURATE = {"signals": {"resolution": {}}, "rules": {}, "source": {"folder_chunk": 6}, "output": {"row_group_rows": 4}}
-stack = flow_tests.stack  # the module-scoped server + worker fixture
 deployment_run, client = flow_tests.deployment_run, flow_tests.client
 
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 from conftest import photo_samples, write_webdataset
 from test_resume import outcome
 
@@ -21,25 +19,6 @@ from tasks.runner import run
 from tasks.shards import Manifest
 
 CHEAP = "signals: {resolution: {}, caption: {}, sharpness: {}, phash: {}}\nrules: {sharpness: {min: 300}}\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    state = tmp_path_factory.mktemp("t2i-state")
-    os.environ["T2I_STATE_DIR"] = str(state)
-    from pipelines import stack as stack_mod
-
-    started = stack_mod.up(port=free_port())
-    env = stack_mod.prefect_env(started.api_url)
-    yield stack_mod, started, env
-    stack_mod.down()
-    os.environ.pop("T2I_STATE_DIR", None)
 
 
 def deployment_run(env: dict, *params: str, watch: bool = True,

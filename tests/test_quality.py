@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import PHOTOS
+from conftest import DATA, PHOTOS
 from PIL import Image, ImageFilter
 
 from tasks.decode import ImageSample
@@ -76,6 +76,39 @@ def test_aggd_fit_equals_masked_sums_and_root_search():
         assert fit[0] == pytest.approx(alpha, rel=1e-5)
         assert fit[2:] == pytest.approx((left, right), rel=1e-9)
     assert all(math.isnan(v) for v in aggd_fit(np.abs(rng.standard_normal(100))))  # one-sided: no fit
+
+
+def test_fused_sums_equal_stored_products():
+    """``aggd.mscn_sums`` (MSCN and its four neighbour products summed in one pass, nothing
+    stored) gives the fits numpy's stored products give, on photo texture and on noise."""
+    from tasks.signals.aggd import mscn_sums
+    from tasks.signals.quality import _C, _blur, aggd_fit, aggd_from_sums, mscn
+
+    photo_grey = np.asarray(Image.open(DATA / "blip.jpg").convert("L").resize((300, 200)))
+    rng = np.random.default_rng(2)
+    for grey in (photo_grey / 255.0, rng.random((31, 47)), np.full((20, 20), 0.5)):
+        m = mscn(grey)
+        products = (m, m[:, :-1] * m[:, 1:], m[:-1, :] * m[1:, :], m[:-1, :-1] * m[1:, 1:], m[1:, :-1] * m[:-1, 1:])
+        sums = mscn_sums(np.ascontiguousarray(grey), _blur(grey), _blur(grey * grey), _C)
+        for (sq, xa, ab, neg, n), p in zip(sums, products, strict=True):
+            assert (int(neg), int(n)) == (np.count_nonzero(p < 0), p.size)
+            assert (sq, xa, ab) == pytest.approx((np.sum(p * p), np.sum(p * np.abs(p)), np.sum(np.abs(p))), rel=1e-12)
+            want, got = aggd_fit(p), aggd_from_sums(float(sq), float(xa), float(ab), int(neg), int(n))
+            assert np.allclose(got, want, rtol=1e-9, equal_nan=True)
+
+
+def test_svm_equals_libsvm_predict():
+    """The bundled SVR as a dot product predicts what libsvm predicts (without its spinning threads)."""
+    from libsvm import svmutil
+
+    from tasks.signals.quality import _model, svr_predict
+
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        x = rng.uniform(-1.2, 1.2, 36)
+        nodes, _ = svmutil.gen_svm_nodearray([float(v) for v in x], isKernel=False)
+        want = svmutil.libsvm.svm_predict_probability(_model()[0], nodes, (svmutil.c_double * 1)())
+        assert svr_predict(x) == pytest.approx(want, abs=1e-9)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the package's own float(array) calls

@@ -171,7 +171,7 @@ class Aesthetic(ModelSignal):
         self._mlp = load_mlp(p.mlp_weights).to(p.device)
 
     def prepare(self, sample: Sample) -> np.ndarray:
-        return np.asarray(sample.image.pixels(self.pixel_side()))
+        return sample.image.pixel_array(self.pixel_side())
 
     def infer(self, inputs: list[np.ndarray]) -> list[dict[str, Any]]:
         import torch

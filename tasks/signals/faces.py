@@ -102,7 +102,7 @@ class Faces(ModelSignal):
 
     def prepare(self, sample: Sample) -> np.ndarray:
         """Capped here (detect caps again), so a 40000x400 banner does not reach the actor as 44 MB."""
-        return np.ascontiguousarray(fit_long_side(np.asarray(sample.image.pixels(self.params.side), np.uint8)))
+        return np.ascontiguousarray(fit_long_side(sample.image.pixel_array(self.params.side)))
 
     def setup(self) -> None:
         problem = self.unavailable()

@@ -8,14 +8,17 @@ images the SVM was fitted on; at 384 px full-size noise mostly averages away.
 
 The features are the ``brisque`` package's, computed once instead of twice at full scale, with
 the 7x7 blur as OpenCV's separable filter (zero border, like the package's ``convolve2d``: equal
-to it within 1e-15 on random input, 4x faster), the AGGD sums as dot products (no masked
-reductions) and the shape parameter read off a table of its moment ratio instead of a root
-search; the signal feeds it the grey view (PIL's conversion, before the resize). 4-5x faster
-than this module's previous version (scipy's blur, masked sums, skimage's grey from RGB), which
-the bench keeps (``bench/previous.py``) to show the two side by side: Spearman 0.9986 on the bench's
-images. On RGB the score stays within ~1.5 of the package's (the blur's rounding flips the sign of
-~0 MSCN values in flat areas); the grey conversion moves it by up to 8 on a flat poster, so a fixed
-threshold on ``quality`` set against the old figures is worth re-checking.
+to it within 1e-15 on random input, 4x faster), the MSCN values and the sums of the five AGGD
+fits formed in one compiled pass (``tasks.signals.aggd``: no product stored), the shape
+parameter read off a table of its moment ratio instead of a root search, and the SVM's RBF sum
+as a dot product (libsvm's own predict leaves OpenMP threads spinning on a second core: 8 ms of
+core time an image for 20 us of work); the signal feeds it the grey view (PIL's conversion,
+before the resize). About 15x less core time than this module's first version (scipy's blur,
+masked sums, skimage's grey from RGB), which the bench keeps (``bench/previous.py``) to show the
+two side by side: Spearman 0.9986 on the bench's images. On RGB the score stays within ~1.5 of
+the package's (the blur's rounding flips the sign of ~0 MSCN values in flat areas); the grey
+conversion moves it by up to 8 on a flat poster, so a fixed threshold on ``quality`` set against
+the old figures is worth re-checking.
 The package's bundled SVM and scaling files are read through
 ``libsvm``; its ``url=True`` mode (``requests.get``) is never reachable from here.
 Runs in the shard task: the model is 350 KB and loads once per process, not worth an actor.
@@ -33,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from tasks.signals.aggd import mscn_sums
 from tasks.signals.base import NoParams, Ranges, Sample, Signal
 
 _C = 1.0 / 255.0  # MSCN stabiliser, for grey in [0, 1]
@@ -113,22 +117,29 @@ def _alpha_for(ratio: float) -> float:
 
 
 def aggd_fit(x: np.ndarray) -> tuple[float, float, float, float]:
-    """Asymmetric generalised Gaussian fit: (alpha, mean, sigma_l^2, sigma_r^2), as the package
-    does it. The sums are dot products: sum(x^2 where x < 0) = (sum(x^2) - sum(x |x|)) / 2."""
-    from scipy.special import gamma
-
+    """Asymmetric generalised Gaussian fit of ``x``: (alpha, mean, sigma_l^2, sigma_r^2), as the
+    package does it. The sums are dot products: sum(x^2 where x < 0) = (sum(x^2) - sum(x |x|)) / 2.
+    The signal takes its sums from ``aggd.mscn_sums`` instead; this is the same fit on an array."""
     if x.size == 0:
         return (np.nan,) * 4
     flat = x.ravel()
     mag = np.abs(flat)
-    sum_all = float(np.einsum("i,i", flat, flat))  # not BLAS: its idle threads spin on the cores
-    sum_left = (sum_all - float(np.einsum("i,i", flat, mag))) / 2
-    n_left = np.count_nonzero(flat < 0)
-    if n_left in (0, x.size):  # one-sided: no asymmetric fit (the package gets 0/0 there too)
+    sum_sq = float(np.einsum("i,i", flat, flat))  # not BLAS: its idle threads spin on the cores
+    return aggd_from_sums(sum_sq, float(np.einsum("i,i", flat, mag)), float(mag.sum()),
+                          int(np.count_nonzero(flat < 0)), x.size)
+
+
+def aggd_from_sums(sum_sq: float, sum_x_abs: float, sum_abs: float, negatives: int,
+                   count: int) -> tuple[float, float, float, float]:
+    """The fit from the four sums of its array (``aggd.SUMS``) and the array's size."""
+    from scipy.special import gamma
+
+    if negatives in (0, count):  # one-sided: no asymmetric fit (the package gets 0/0 there too)
         return (np.nan,) * 4
-    left = sum_left / n_left
-    right = (sum_all - sum_left) / (x.size - n_left)
-    r_hat = (float(mag.sum()) / x.size) ** 2 / (sum_all / x.size)
+    sum_left = (sum_sq - sum_x_abs) / 2
+    left = sum_left / negatives
+    right = (sum_sq - sum_left) / (count - negatives)
+    r_hat = (sum_abs / count) ** 2 / (sum_sq / count)
     g = np.sqrt(left) / np.sqrt(right)
     big_r = r_hat * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
     if not np.isfinite(big_r):  # flat input: 0/0 above
@@ -140,13 +151,13 @@ def aggd_fit(x: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def _features(grey: np.ndarray) -> list[float]:
-    """18 features at one scale: MSCN (alpha, variance), then 4 per neighbour product."""
-    m = mscn(grey)
-    alpha, _, left, right = aggd_fit(m)
-    out = [alpha, (left + right) / 2]
-    for prod in (m[:, :-1] * m[:, 1:], m[:-1, :] * m[1:, :], m[:-1, :-1] * m[1:, 1:], m[1:, :-1] * m[:-1, 1:]):
-        out.extend(aggd_fit(prod))
-    return out
+    """18 features at one scale: MSCN (alpha, variance), then 4 per neighbour product; the sums
+    of all five arrays in one pass (``aggd.mscn_sums``), neither MSCN nor products stored."""
+    grey = np.ascontiguousarray(grey)
+    sums = mscn_sums(grey, _blur(grey), _blur(grey * grey), _C)
+    fits = [aggd_from_sums(float(a), float(b), float(c), int(n), int(k)) for a, b, c, n, k in sums]
+    alpha, _, left, right = fits[0]
+    return [alpha, (left + right) / 2, *(v for fit in fits[1:] for v in fit)]
 
 
 def brisque_features(pixels: np.ndarray) -> np.ndarray:
@@ -164,21 +175,42 @@ def brisque_features(pixels: np.ndarray) -> np.ndarray:
         return np.array(_features(grey) + _features(half), dtype=np.float64)
 
 
+@cache
+def _svr() -> tuple[np.ndarray, np.ndarray, float, float]:
+    """The package's epsilon-SVR (RBF kernel) as arrays: support vectors, their coefficients, rho
+    and gamma. libsvm's own predict runs an OpenMP loop over 770 vectors whose idle threads then
+    spin: 8 ms of a second core per image for 20 us of work."""
+    svm, _, _ = _model()
+    if (svm.param.svm_type, svm.param.kernel_type) != (3, 2):  # EPSILON_SVR, RBF: the bundled model
+        raise RuntimeError("quality: the brisque package's SVM is no longer an RBF epsilon-SVR")
+    vectors = svm.get_SV()
+    dense = np.zeros((len(vectors), len(_model()[1])))
+    for row, sv in zip(dense, vectors, strict=True):
+        for index, value in sv.items():
+            if index > 0:  # libsvm's 1-based feature index; -1 ends a row
+                row[index - 1] = value
+    coef = np.array([c[0] for c in svm.get_sv_coef()])
+    return dense, coef, float(svm.rho[0]), float(svm.param.gamma)
+
+
+def svr_predict(scaled: np.ndarray) -> float:
+    """libsvm's ``svm_predict`` for the bundled model: sum of coef * exp(-gamma |x - sv|^2), minus rho."""
+    vectors, coef, rho, gamma = _svr()
+    d = vectors - scaled
+    kernel = np.exp(-gamma * np.einsum("ij,ij->i", d, d))
+    return float(np.einsum("i,i", coef, kernel)) - rho
+
+
 def brisque_score(pixels: np.ndarray) -> float | None:
     """BRISQUE score (lower is better) of a grey or RGB uint8 array; None for a flat fill or an
     image under 16 px a side."""
-    from libsvm import svmutil
-
     if min(pixels.shape[:2]) < _MIN_SIDE:
         return None
     feats = brisque_features(pixels)
     if not np.isfinite(feats).all():
         return None
-    svm, lo, hi = _model()
-    scaled = -1 + 2.0 / (hi - lo) * (feats - lo)
-    x, _ = svmutil.gen_svm_nodearray([float(f) for f in scaled], isKernel=False)
-    prob = (svmutil.c_double * 1)()
-    return float(svmutil.libsvm.svm_predict_probability(svm, x, prob))
+    _, lo, hi = _model()
+    return svr_predict(-1 + 2.0 / (hi - lo) * (feats - lo))
 
 
 class Quality(Signal):
@@ -202,7 +234,7 @@ class Quality(Signal):
         return f"quality: BRISQUE model file not found: {', '.join(missing)}" if missing else None
 
     def compute(self, sample: Sample) -> dict[str, Any]:
-        return {"quality": brisque_score(np.asarray(sample.image.grey(self.params.short_side)))}
+        return {"quality": brisque_score(sample.image.grey_array(self.params.short_side))}
 
 
 SIGNAL = Quality

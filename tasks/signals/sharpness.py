@@ -45,7 +45,7 @@ class Sharpness(Signal):
         return self.params.short_side
 
     def compute(self, sample: Sample) -> dict[str, Any]:
-        grey = np.asarray(sample.image.grey(self.params.short_side))
+        grey = sample.image.grey_array(self.params.short_side)
         return {"sharpness": laplacian_variance(grey)}
 
 
