@@ -58,7 +58,7 @@ class RecaptionStage(Stage):
         p, side = self.params.decode, self.captioner.params.image_side
         sample = ImageSample(row.get("image"), max_pixels=p.max_pixels, max_file_bytes=p.max_file_bytes,
                              decode_side=side)
-        pixels = fit_long_side(np.asarray(sample.decode(), dtype=np.uint8), side)  # never enlarged
+        pixels = fit_long_side(sample.pixel_array(), side)  # never enlarged; no PIL copy
         caption = row.get("caption")
         limit = self.captioner.params.max_caption_chars
         caption = caption[:limit] if isinstance(caption, str) and limit else None

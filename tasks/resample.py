@@ -29,7 +29,7 @@ from PIL import Image
 
 PRECISION_BITS = 22  # Pillow's: 32 - 8 - 2
 REDUCING_GAP = 2.0
-_MODES = {"L": 1, "RGB": 3}
+_MODES = frozenset({"L", "RGB"})
 
 Coefficients = tuple[np.ndarray, np.ndarray, np.ndarray]  # first tap, tap count, weights (int32)
 

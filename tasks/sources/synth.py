@@ -166,9 +166,8 @@ def background_photos(output: str, count: int, storage: StorageConfig | None = N
             for batch in pq.ParquetFile(fh).iter_batches(columns=["image"], batch_size=count):
                 for data in batch.column("image").to_pylist():
                     try:
-                        rgb = np.asarray(ImageSample(data, max_pixels=limits.max_pixels,
-                                                     max_file_bytes=limits.max_file_bytes,
-                                                     decode_side=1024).decode(), dtype=np.uint8)
+                        rgb = ImageSample(data, max_pixels=limits.max_pixels, max_file_bytes=limits.max_file_bytes,
+                                          decode_side=1024).pixel_array()
                     except DecodeError:
                         bad += 1
                         continue
