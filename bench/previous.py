@@ -18,7 +18,8 @@ What changed, and what each previous version does instead:
   on a second core), skimage's grey from RGB.
 - OCR: detection at 256 px short side (``det_side``), before 320; lines cut for the recogniser at
   most 96 px high (``crop_line``), before at full size (rapidocr's ``get_rotate_crop_image``);
-  onnxruntime's memory arena on (not swapped back here: a session setting).
+  onnxruntime's memory arena on (not swapped back here: a session setting); denormal floats
+  flushed to zero around the model calls (``tasks.fpu``), before not.
 
 ``previous_chain(cfg, skip)`` is a ``Chain`` whose signals are these previous versions, with the
 same parameters otherwise, so the same rules and rows run through both.
@@ -27,7 +28,7 @@ same parameters otherwise, so the same rules and rows run through both.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import cache
 from typing import Any
 
@@ -142,7 +143,10 @@ def previous_brisque_score(rgb: np.ndarray) -> float | None:
 
 
 class PreviousOcr(Ocr):
-    """Lines cut at full size (rapidocr's own crop), detection at 320 unless the config says."""
+    """Lines cut at full size (rapidocr's own crop), detection at 320 unless the config says,
+    denormals computed as they come (the detector's microcode-assist slow path on Intel cores)."""
+
+    numerics = staticmethod(nullcontext)
 
     @staticmethod
     def crop(bgr: np.ndarray, box: np.ndarray) -> np.ndarray:

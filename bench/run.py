@@ -317,7 +317,7 @@ def passed(name: str, value: float) -> bool:
 
 def print_table(results: dict[str, Any], header: str) -> None:
     figures = ("decode_images_per_s", "chain_images_per_s", "previous_chain_cost_vs_decode", "flow_streamed_s",
-               "flow_sequential_s", "full_chain_images_per_s", "naive_images_per_s",
+               "flow_sequential_s", "full_chain_images_per_s", "naive_images_per_s", "full_chain_vs_naive_flushed",
                "train_step_s", "minimal_step_s", "train_step_ema_s", "loader_samples_per_s_per_core")
     rows = [(name, results[name], "", "") for name in figures if results.get(name) is not None]
     for name, (op, target) in TARGETS.items():
