@@ -151,7 +151,8 @@ class NaiveLoop:
     def ocr_flushed_seconds(self, images: list[bytes]) -> float:
         """Wall seconds of the OCR op alone over ``images`` with denormals flushed around it, as
         the chain's OCR runs (tasks/fpu.py): how much of the ratio a peer would get back by
-        the same one-line fix, so the headline is not read as all fusion."""
+        the same fix, so the headline is not read as all fusion. The decode is outside the
+        timing: the loop's own pass already counted it."""
         seconds = 0.0
         for data in images:
             img = Image.open(io.BytesIO(data)).convert("RGB")

@@ -14,8 +14,10 @@ denormals-are-zero bits (MXCSR bits 15 and 6). It goes through libm's ``fegetenv
 because Python has no other way to reach that register. It puts the register back on exit, so
 numpy, OpenCV and the other signals in the same process are left as they were.
 
-Flushing changes a value only where it was below 1.2e-38. The detector's probability maps move
-by at most a few 1e-3. Its boxes and areas were the same on the bench's images (``bench/accuracy.py``).
+Flushing changes a value only where it was below 1.2e-38. On random input the detector's
+probability map moved by up to 0.006. Its boxes, and the recogniser's text and confidences,
+were the same with and without the flush on 326 images: 300 bench rows, the test photos, and the
+drawn text images. ``tests/test_fpu.py`` checks the bus photo's boxes.
 This only works on x86-64 Linux. glibc and musl both store MXCSR at byte 28 of their ``fenv_t``.
 Everywhere else, including ARM, whose cores take no such penalty, the context manager does nothing.
 """
