@@ -76,13 +76,24 @@ class RayCluster:
 
     @staticmethod
     def raylet(node: subprocess.Popen) -> psutil.Process:
-        return next(p for p in psutil.Process(node.pid).children(recursive=True) if p.name() == "raylet")
+        """The node's raylet; processes of its tree that exit while we look are passed over."""
+        for proc in psutil.Process(node.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.name() == "raylet":
+                    return proc
+        raise LookupError(f"no raylet under the Ray node with pid {node.pid}")
+
+    @staticmethod
+    def lose(node: subprocess.Popen) -> None:
+        """The node is lost as a machine is: every process of its tree (raylet, workers, the actors
+        it holds) killed at once, none left to go on serving calls on its own."""
+        with contextlib.suppress(psutil.Error):
+            tree = [node.pid, *(c.pid for c in psutil.Process(node.pid).children(recursive=True))]
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        node.wait()
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
-            with contextlib.suppress(psutil.Error):
-                tree = [node.pid, *(c.pid for c in psutil.Process(node.pid).children(recursive=True))]
-                for pid in tree:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-            node.wait()
+            self.lose(node)
