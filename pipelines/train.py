@@ -36,6 +36,14 @@ def train_stage(out: str, config: str | None, overrides: dict[str, Any]) -> dict
     return result.__dict__
 
 
+def _captions_line(captions: dict[str, Any] | None) -> str:
+    """The caption mix the run trained on (trainer/caption_mix.py), with its warning if any."""
+    if not captions:
+        return "(no caption report)"
+    warning = captions.get("warning")
+    return captions["report"] + (f"\n\n**Warning**: original captions only (100:0). {warning}" if warning else "")
+
+
 def _loss_table(log_path: Path, rows: int = 20) -> str:
     if not log_path.is_file():
         return "(no loss logged)"
@@ -59,7 +67,8 @@ def train(out: str, shards: list[str] | None = None, stage: str | None = None, c
     create_markdown_artifact(
         key="train-summary",
         markdown=f"## train ({cfg.stage})\n\nsteps {result['steps']}, final loss {result['loss']}, "
-                 f"model: `{result['model_dir']}`\n\n" + _loss_table(Path(result["log_path"])),
+                 f"model: `{result['model_dir']}`\n\n{_captions_line(result.get('captions'))}\n\n"
+                 + _loss_table(Path(result["log_path"])),
         description="loss curve and export path",
     )
     return result

@@ -24,7 +24,7 @@ from tasks.runner import run
 from trainer.checkpoint import latest_checkpoint, list_checkpoints
 from trainer.config import load_train_config
 from trainer.export import load_pipeline
-from trainer.loop import LOSS_LOG, Conditioning, diffusion_loss, train
+from trainer.loop import LOSS_LOG, RESULT_FILE, Conditioning, diffusion_loss, train
 from trainer.schedules import scheduler_for_stage
 
 torch.set_num_threads(1)
@@ -111,6 +111,10 @@ def test_trains_checkpoints_exports_and_kolors_pipeline_samples(tmp_path: Path, 
     result = train(tiny_config(shards, stage="quality", data={"bucketed": True}), out)
     assert result.steps == 4 and result.resumed_from == 0
     assert [c.step for c in list_checkpoints(out)] == [2, 4]
+    # `t2i analyze` output, no caption pass: the run says it trained on originals only
+    assert json.loads((out / RESULT_FILE).read_text())["captions"] == result.captions
+    assert (result.captions["machine_rows"], result.captions["original_share"]) == (0, 1.0)
+    assert result.captions["rows"] > 0 and "no caption set 'captions'" in result.captions["warning"]
     assert (out / "checkpoints" / "step-000004" / "samples" / "00.png").is_file()
     base = load_file(out / "base" / "unet" / "diffusion_pytorch_model.safetensors")
     trained = unet_weights(out)
@@ -151,7 +155,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path: Path, shards:
     """`t2i train` killed with SIGKILL after a checkpoint resumes from it and ends bit-identical."""
     cfg_path = tmp_path / "train.yaml"
     cfg = tiny_config(shards, checkpoint_every=1, keep_checkpoints=3, sample_prompts=[])
-    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"steps"})))
+    # what was set only: a file naming data.caption.sidecar_set requires the set (the shards have none)
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"steps"}, exclude_unset=True)))
     cmd = [sys.executable, "-m", "t2i.cli", "train", "--config", str(cfg_path)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     killed = tmp_path / "killed"
@@ -182,8 +187,9 @@ def test_ray_train_two_gloo_workers(tmp_path: Path, shards: Path, ray_runtime) -
 
     out = tmp_path / "ddp"
     cfg = tiny_config(shards, steps=2, scale={"workers": 2}, data={"batch_size": 1}, sample_prompts=[])
-    result = run_training(cfg, out)
+    result = run_training(cfg, out)  # the default caption set stays a default in the workers: no error
     assert result.steps == 2 and Path(result.model_dir).is_dir()
+    assert result.captions["rows"] > 0 and result.captions["machine_rows"] == 0  # rank 0's report
     records = [json.loads(line) for line in (out / LOSS_LOG).read_text().splitlines()]
     assert [r["world_size"] for r in records] == [2, 2]
     load_pipeline(out / "model")

@@ -28,6 +28,8 @@ class CaptionConfig(BaseModel):
     synthetic_column: str = "synthetic"  # bool column; True rows always use original_column
     # The caption set (`t2i caption`'s output.name) whose sidecars give a curated output's machine
     # captions, joined by row; a part without a current sidecar trains on what its shard holds.
+    # A set named in the config must exist; the default may be missing, with a warning
+    # (trainer/caption_mix.py, which reports the mix at start).
     sidecar_set: str | None = "captions"
 
     @property

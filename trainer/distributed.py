@@ -34,12 +34,17 @@ def run_training(cfg: TrainConfig, out: str | Path) -> TrainResult:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tasks.cluster import ensure_ray
+    from trainer.caption_mix import check_caption_set
+    from trainer.row_index import shard_files
 
+    check_caption_set(shard_files(cfg.data.shards), cfg.data.caption)  # before any worker starts
     ensure_ray(RunConfig(workers=cfg.scale.workers, ray_address=cfg.scale.ray_address))
     backend = cfg.scale.backend or ("nccl" if cfg.scale.use_gpu else "gloo")
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out)},
+        # only what was set: defaults stay defaults in the workers (a caption set the config names
+        # must exist, the default one may be missing: trainer/caption_mix.py)
+        train_loop_config={"cfg": cfg.model_dump(mode="json", exclude_unset=True), "out": str(out)},
         scaling_config=ScalingConfig(num_workers=cfg.scale.workers, use_gpu=cfg.scale.use_gpu),
         torch_config=TorchConfig(backend=backend),
         run_config=RayRunConfig(storage_path=str(out / "ray"), name="train"),

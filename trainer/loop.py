@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from diffusers import EulerDiscreteScheduler, KolorsPipeline
 from diffusers.training_utils import compute_snr
 
+from trainer.caption_mix import caption_mix, check_caption_set, report_caption_mix
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import RowIndex, make_loader, make_sampler
@@ -56,6 +57,7 @@ class TrainResult:
     seconds: float
     model_dir: str | None
     log_path: str
+    captions: dict[str, Any] | None = None  # the caption mix the run trained on (trainer/caption_mix.py)
 
 
 @dataclass
@@ -165,6 +167,17 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     amp = autocast_dtype(cfg, device)
     torch.manual_seed(cfg.seed)
 
+    # The data first: a selection or caption set that cannot work fails before any model loads.
+    index = RowIndex.build(cfg.data)
+    sets = check_caption_set(index.files, cfg.data.caption)
+    mix = caption_mix(index, cfg.data.caption, sets) if rank == 0 else None
+    if mix is not None:
+        report_caption_mix(mix)
+    sampler = make_sampler(index, cfg.data, rank=rank, world_size=world)
+    if len(sampler) == 0:
+        raise ValueError(f"{len(index)} selected rows make no full batch of {cfg.data.batch_size} in any bucket "
+                         f"on {world} rank(s): lower data.batch_size or widen the selection")
+
     # Every part stays fp32 (autocast runs the UNet in bf16/fp16): one dtype for sampling and for the
     # export, which then loads and samples without torch_dtype. ChatGLM3-6B takes 24 GB so.
     if rank == 0:  # the tiny preset is built once, by rank 0, before the others load it
@@ -181,11 +194,6 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
-    index = RowIndex.build(cfg.data)
-    sampler = make_sampler(index, cfg.data, rank=rank, world_size=world)
-    if len(sampler) == 0:
-        raise ValueError(f"{len(index)} selected rows make no full batch of {cfg.data.batch_size} in any bucket "
-                         f"on {world} rank(s): lower data.batch_size or widen the selection")
     step = resumed_from = 0
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
@@ -253,7 +261,7 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     if rank == 0:
         model_dir = str(export_model(out, ema.model if ema is not None else unet, parts))
     result = TrainResult(step, resumed_from, last_loss, round(time.perf_counter() - started, 2), model_dir,
-                         str(out / LOSS_LOG))
+                         str(out / LOSS_LOG), asdict(mix) if mix is not None else None)
     if rank == 0:
         tmp = out / f".{RESULT_FILE}.tmp"
         tmp.write_text(json.dumps(asdict(result), indent=1))
