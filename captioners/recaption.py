@@ -10,7 +10,7 @@ from pathlib import Path
 
 from captioners.stages import RecaptionParams, RecaptionStage, TranslateParams, TranslateStage
 from schemas.recaption import RESUMABLE, RecaptionConfig
-from tasks.actors import Resources
+from tasks.actors import Deadline, Resources
 from tasks.passes import PassSummary, run_pass
 from tasks.sidecar import PartResult, SidecarPass, StagePlan
 
@@ -21,7 +21,9 @@ def caption_pass(cfg: RecaptionConfig) -> SidecarPass:
 
     def plan(stage: RecaptionStage | TranslateStage) -> StagePlan:
         r = cfg.resources(stage.name)
-        return StagePlan(stage, Resources(r.cpus_per_actor, r.gpus_per_actor, r.actors), r.request_rows, r.batch_size)
+        deadline = Deadline(r.deadline_s, r.deadline_per_row_s)
+        resources = Resources(r.cpus_per_actor, r.gpus_per_actor, r.actors, deadline)
+        return StagePlan(stage, resources, r.request_rows, r.batch_size)
 
     plans.append(plan(RecaptionStage(RecaptionParams(captioner=cfg.captioner, decode=cfg.decode))))
     if cfg.translator is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -34,6 +34,16 @@ M = TypeVar("M", bound=BaseModel)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# How long one model call (a signal's, a stage's) may run before its actor is ended and the call is
+# handled as the actor's death (tasks/actors.py). Generous: it is there to end a hung model, not a slow one.
+DEADLINE_S = 60.0
+DEADLINE_PER_ROW_S = 10.0
+DeadlineSeconds = Annotated[float, Field(gt=0, le=1e6, description=(
+    "seconds one model call may run, plus deadline_per_row_s for each row in it; past that its actor is "
+    "ended and restarted, and an input that outlasts it twice alone is rejected"))]
+DeadlinePerRowSeconds = Annotated[float, Field(ge=0, le=1e5, description="seconds added to deadline_s per row")]
 
 
 class SourceConfig(Strict):

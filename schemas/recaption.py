@@ -15,7 +15,15 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from schemas.config import DecodeConfig, RunConfig, StorageConfig, Strict, load_yaml_model
+from schemas.config import (
+    DeadlinePerRowSeconds,
+    DeadlineSeconds,
+    DecodeConfig,
+    RunConfig,
+    StorageConfig,
+    Strict,
+    load_yaml_model,
+)
 
 # Settings that change how a pass runs, not what it writes: free to change on resume.
 RESUMABLE = ("stages", "run", "decode", "storage")
@@ -32,6 +40,9 @@ class StageResources(Strict):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPU share per actor; 0 runs the model on CPU")
     request_rows: int = Field(8, ge=1, description="rows a part task sends the pool per request")
     batch_size: int = Field(16, ge=1, description="the model's own batch: requests of many parts are merged up to it")
+    # Longer than a signal's (schemas/config.py): a VLM on a CPU takes tens of seconds a caption.
+    deadline_s: DeadlineSeconds = 300.0
+    deadline_per_row_s: DeadlinePerRowSeconds = 60.0
 
 
 def _default_stages() -> dict[str, StageResources]:

@@ -15,30 +15,55 @@ time, each only after an actor of the pool answers ``ready``. Only an input whos
 kills a live actor twice is rejected for it. Actors restart without limit (a finite budget
 would be spent by that many poison images over a long run); a pool none of whose actors
 comes back fails the shard (``PoolUnavailable``), so a later run redoes it.
+
+Deadlines. Every model call may run ``deadline_s`` plus ``deadline_per_row_s`` per row in it
+(a signal's params, a stage's resources; ``Deadline``). The actor times its own model calls,
+not the caller: only the actor knows when a call starts (a request may wait behind other
+tasks' batches), and a call must end even when the task that sent it is gone. Past the
+deadline faulthandler's watchdog, a C thread that needs no GIL (a model stuck in C code holding
+it is caught too), writes every thread's stack to the actor's log (where the model hung) and
+ends the process; Ray restarts the actor and its calls are handled as any actor death above,
+so an input that hangs every time is rejected with a reason naming the deadline. Without Ray
+(``--no-ray``, ``ModelSignal.compute_batch``, ``tasks.sidecar.infer_here``) there is no process
+to end but the run's own: there a hung model hangs the run, which is for tests and debugging.
+
+Blame. An actor's death is charged only to the lone input it was running, not to lone inputs
+of other tasks waiting behind it on that actor (a poison row of one shard must not get an
+innocent row of another rejected). The actor's own record dies with it, so before a lone call
+runs the actor records its token in the pool's ``Ledger``, a small actor beside the pools,
+and waits for the write; a caller whose lone call died asks the ledger whether it had started
+and how long it ran. One that never started is sent again, uncharged (at most
+``UNSTARTED_DEATHS`` times, then the pool counts as unavailable). A ledger that does not answer
+the caller charges the death, as if there were none; one that missed a start (it was restarting
+after its node was lost) leaves that death uncharged, within the same bound.
 """
 
 from __future__ import annotations
 
+import faulthandler
+import functools
 import itertools
 import logging
+import math
+import os
 import random
+import sys
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
+import uuid
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from schemas.config import ConfigError
+from schemas.config import DEADLINE_PER_ROW_S, DEADLINE_S, ConfigError
 from tasks.signals import Signal
 from tasks.signals.base import ModelSignal
 
 log = logging.getLogger(__name__)
-
-Pools = dict[str, list[Any]]  # pool name -> actor handles
-
 
 # How long a dead actor may take to come back (reload its model) before its pool counts as gone.
 RESTART_TIMEOUT_S = 600.0
@@ -46,6 +71,15 @@ RESTART_TIMEOUT_S = 600.0
 DEATHS_TO_BLAME = 2
 # Requests one actor holds at once (from many shard or part tasks), merged into model batches.
 ACTOR_CONCURRENCY = 16
+# Deaths of a lone call before it ran (other inputs killed the actor) after which the pool counts as
+# unavailable: a bound on retries, far above what a few poison inputs cost a waiting row (two each).
+UNSTARTED_DEATHS = 10
+# Lone calls whose start the ledger keeps: a caller asks about its own right after the death.
+LEDGER_ENTRIES = 10_000
+# How long an actor or a caller waits on the ledger before going on without it.
+LEDGER_TIMEOUT_S = 30.0
+# faulthandler takes no longer timeout (a deadline of days is none).
+MAX_WATCH_S = 1e9
 
 
 @dataclass(frozen=True)
@@ -98,12 +132,26 @@ class ErrorRate:
 
 
 @dataclass(frozen=True)
+class Deadline:
+    """How long one model call may run: ``seconds`` plus ``per_row_s`` for each row in it (the
+    config's ``deadline_s`` and ``deadline_per_row_s``)."""
+
+    seconds: float = DEADLINE_S
+    per_row_s: float = DEADLINE_PER_ROW_S
+
+    def limit(self, rows: int) -> float:
+        return self.seconds + self.per_row_s * rows
+
+
+@dataclass(frozen=True)
 class Resources:
-    """What one actor of a pool asks Ray for, and how many actors the pool has."""
+    """What one actor of a pool asks Ray for, how many actors the pool has, and how long one of
+    its model calls may run."""
 
     cpus: float = 1.0
     gpus: float = 0.0
     actors: int = 1
+    deadline: Deadline = Deadline()
 
 
 @dataclass(frozen=True)
@@ -138,10 +186,11 @@ class Batcher:
         self.batches = 0  # model calls made: for tests and the benchmark
         self.merged = 0  # of them, batches holding more than one request
 
-    def run(self, inputs: list[Any], alone: bool = False) -> list[Any]:
+    def run(self, inputs: list[Any], alone: bool = False, started: Callable[[], None] | None = None) -> list[Any]:
         """``alone``: never merged with other requests (an input sent by itself to find out whether it
-        is what kills the actor must be the only one in its model call)."""
-        request = _Request(list(inputs), alone=alone)
+        is what kills the actor must be the only one in its model call). ``started``: called (it must
+        not raise) just before the first model call on these inputs, once they left the queue."""
+        request = _Request(list(inputs), alone=alone, started=started)
         with self.cond:
             self.queue.append(request)
             while not request.done:
@@ -170,6 +219,9 @@ class Batcher:
 
     def _serve(self, taken: list[_Request]) -> None:
         try:
+            for r in taken:
+                if r.started is not None:
+                    r.started()
             out = self._call([x for r in taken for x in r.inputs])
             self.merged += len(taken) > 1
             at = 0
@@ -210,6 +262,7 @@ class Batcher:
 class _Request:
     inputs: list[Any]
     alone: bool = False
+    started: Callable[[], None] | None = None
     result: list[Any] | None = None
     error: BaseException | None = None
     done: bool = False
@@ -247,6 +300,35 @@ def _free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+@contextmanager
+def deadline_watch(limit_s: float) -> Iterator[None]:
+    """End this process if the block runs past ``limit_s``, after writing every thread's stack to
+    stderr (an actor's log: where the model hung). For actors only: Ray restarts one; anywhere else
+    it would end the run. One watch per process at a time, as a Batcher runs one model call."""
+    faulthandler.dump_traceback_later(min(limit_s, MAX_WATCH_S), exit=True, file=_stderr())
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _stderr() -> Any:
+    """stderr as faulthandler needs it (with a file descriptor), else /dev/null: the end matters,
+    the stack is a bonus."""
+    for f in (sys.stderr, sys.__stderr__):
+        try:
+            f.fileno()
+            return f
+        except (AttributeError, ValueError, OSError):
+            continue
+    return _devnull()
+
+
+@functools.cache
+def _devnull() -> Any:
+    return open(os.devnull, "w")  # kept open: faulthandler writes to it at any later watch
+
+
 # max_restarts=-1: a finite budget is spent by that many poison images over a long run, and then
 # every later shard fails. max_task_retries=0: Ray would rerun a killing batch on the restarted
 # actor, only to die again; infer_on_pool retries (item by item) itself.
@@ -254,17 +336,31 @@ def _free_cached_memory() -> None:
 class ModelActor:
     """Holds one loaded model (a model signal or a pass's stage) and batches what it is sent."""
 
-    def __init__(self, cls: type, params: dict[str, Any], batch_size: int):
+    def __init__(self, cls: type, params: dict[str, Any], batch_size: int, deadline: Deadline = Deadline(),
+                 ledger: Any = None):
         """``cls`` itself, not its name, so a class the driver registered (a test's) loads too."""
         from tasks.alloc import keep_large_allocations
 
         keep_large_allocations()  # model inputs of a few MB each reuse the heap (tasks/alloc.py)
         self.model = cls(cls.Params.model_validate(params))
         self.model.ensure_setup()
-        self.batcher = Batcher(self.model.infer, batch_size)
+        self.deadline, self.ledger = deadline, ledger
+        self.batcher = Batcher(self._infer_in_time, batch_size)
 
-    def infer(self, inputs: list[Any], alone: bool = False) -> list[Any]:
-        return self.batcher.run(inputs, alone)
+    def _infer_in_time(self, rows: list[Any]) -> list[Any]:
+        with deadline_watch(self.deadline.limit(len(rows))):
+            return self.model.infer(rows)
+
+    def infer(self, inputs: list[Any], alone: bool = False, token: str | None = None) -> list[Any]:
+        """``token`` (a lone call's): written to the ledger just before the model runs on ``inputs``."""
+        started = None if token is None or self.ledger is None else lambda: self._record(token, len(inputs))
+        return self.batcher.run(inputs, alone, started)
+
+    def _record(self, token: str, rows: int) -> None:
+        try:
+            ray.get(self.ledger.start.remote(token, self.deadline.limit(rows)), timeout=LEDGER_TIMEOUT_S)
+        except ray.exceptions.RayError as exc:  # run anyway: a death now is charged to no input
+            log.warning("the pool's ledger did not answer (%s); running the input unrecorded", _cause_text(exc))
 
     def ready(self) -> bool:
         return True
@@ -275,15 +371,42 @@ class ModelActor:
 
     def pid(self) -> int:
         """For tests and operators who kill an actor on purpose."""
-        import os
-
         return os.getpid()
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class Ledger:
+    """The lone calls of a run's pools that started running: what outlives the actor that ran them."""
+
+    def __init__(self) -> None:
+        self.runs: OrderedDict[str, tuple[float, float]] = OrderedDict()  # token -> (start, deadline)
+
+    def start(self, token: str, limit_s: float) -> None:
+        self.runs[token] = (time.monotonic(), limit_s)
+        while len(self.runs) > LEDGER_ENTRIES:
+            self.runs.popitem(last=False)
+
+    def ran(self, token: str) -> tuple[float, float] | None:
+        """(seconds since the call started, its deadline), or None: it never started."""
+        run = self.runs.pop(token, None)
+        return None if run is None else (time.monotonic() - run[0], run[1])
+
+
+class Pool(list):
+    """One pool's actor handles (a list, as tasks use them) and the ledger its actors write to;
+    a plain list of handles works too, with every death of a lone call charged."""
+
+    ledger: Any = None
+
+
+Pools = dict[str, Pool]  # pool name -> actor handles
 
 
 def pool_specs(signals: Sequence[Signal]) -> list[PoolSpec]:
     """The pools of the model signals among ``signals``."""
     return [PoolSpec(s.name, type(s), s.params.model_dump(),
-                     Resources(s.params.cpus_per_actor, s.params.gpus_per_actor, s.params.actors), s.params.batch_size)
+                     Resources(s.params.cpus_per_actor, s.params.gpus_per_actor, s.params.actors,
+                               Deadline(s.params.deadline_s, s.params.deadline_per_row_s)), s.params.batch_size)
             for s in signals if isinstance(s, ModelSignal)]
 
 
@@ -294,16 +417,18 @@ def pool_resources(specs: Sequence[PoolSpec]) -> tuple[float, float]:
 
 
 def start_pools(specs: Sequence[PoolSpec], timeout_s: float = 900.0) -> Pools:
-    """Start every pool's actors and wait until each has loaded its model, so a missing weight
-    file fails the run at start, not hours in; never wait forever."""
+    """Start every pool's actors (and one ledger for them all) and wait until each has loaded its
+    model, so a missing weight file fails the run at start, not hours in; never wait forever."""
     pools: Pools = {}
+    ledger = Ledger.remote() if specs else None
     for spec in specs:
         r = spec.resources
-        pools[spec.name] = [
+        pools[spec.name] = Pool(
             ModelActor.options(num_cpus=r.cpus, num_gpus=r.gpus, max_concurrency=ACTOR_CONCURRENCY).remote(
-                spec.cls, spec.params, spec.batch_size)
+                spec.cls, spec.params, spec.batch_size, r.deadline, ledger)
             for _ in range(r.actors)
-        ]
+        )
+        pools[spec.name].ledger = ledger
     try:
         ray.get([h.ready.remote() for handles in pools.values() for h in handles], timeout=timeout_s)
     except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
@@ -314,9 +439,15 @@ def start_pools(specs: Sequence[PoolSpec], timeout_s: float = 900.0) -> Pools:
 
 
 def stop_pools(pools: Pools) -> None:
+    ledgers = []
     for handles in pools.values():
         for h in handles:
             ray.kill(h)
+        ledger = getattr(handles, "ledger", None)
+        if ledger is not None and ledger not in ledgers:
+            ledgers.append(ledger)
+    for ledger in ledgers:
+        ray.kill(ledger)
 
 
 Result = dict[str, Any] | ItemError
@@ -325,7 +456,7 @@ Result = dict[str, Any] | ItemError
 def infer_on_pool(handles: list[Any], inputs: list[Any], batch_size: int) -> list[Result]:
     """Spread batches over the pool from a random actor; one value dict, or an ``ItemError``,
     per input. A batch that fails is sent again whole once (its actor was killed from outside,
-    say), then one input at a time (see the module docstring)."""
+    say, or ended at the deadline), then one input at a time (see the module docstring)."""
     if not inputs:
         return []
     start = random.randrange(len(handles))
@@ -340,7 +471,7 @@ def infer_on_pool(handles: list[Any], inputs: list[Any], batch_size: int) -> lis
         except ray.exceptions.RayTaskError as exc:  # the model raised: find the input(s), keep the rest
             log.warning("the model raised on a batch (%s); retrying its inputs one by one", _cause_text(exc))
         except ray.exceptions.RayError:  # the actor died: likely no fault of this batch, send it again
-            log.warning("a model actor died during a batch; sending the batch again")
+            log.warning("a model actor died during a batch (or ran past its deadline); sending the batch again")
             try:
                 out += ray.get(_ready_actor(handles).infer.remote(batch))
                 continue
@@ -351,18 +482,56 @@ def infer_on_pool(handles: list[Any], inputs: list[Any], batch_size: int) -> lis
 
 
 def _infer_one(handles: list[Any], item: Any) -> Result:
-    """One input alone, on an actor that has just answered ``ready``."""
-    deaths = 0
+    """One input alone, on an actor that has just answered ``ready``. Only deaths of calls that had
+    started running it count against it; one that died waiting (another input killed the actor)
+    is sent again."""
+    deaths = late = waited = 0
     while True:
+        token = uuid.uuid4().hex
         try:
-            return ray.get(_ready_actor(handles).infer.remote([item], alone=True))[0]
+            return ray.get(_ready_actor(handles).infer.remote([item], alone=True, token=token))[0]
         except ray.exceptions.RayTaskError as exc:
             return ItemError(_cause_text(exc))
         except ray.exceptions.RayError as exc:
+            ran = _ran(handles, token)
+            if ran is None:
+                waited += 1
+                if waited >= UNSTARTED_DEATHS:
+                    raise PoolUnavailable(f"the model actors died {waited} times while one input waited to run "
+                                          "(other inputs killing them, or something outside)") from exc
+                log.warning("a model actor died before it ran an input sent alone; sending the input again")
+                continue
             deaths += 1
+            seconds, limit = ran
+            late += seconds >= limit  # the actor ends itself at its deadline: one that ran so long was ended by it
             if deaths >= DEATHS_TO_BLAME:
-                return ItemError(f"the model's actor died {deaths} times on this input alone: {_cause_text(exc)}")
+                return ItemError(_blame(deaths, late, limit, exc))
             log.warning("a model actor died on one input sent alone; trying it once more")
+
+
+def _ran(handles: list[Any], token: str) -> tuple[float, float] | None:
+    """The ledger's answer for a lone call that died: (seconds since it started, its deadline), or
+    None when it never started. Without a ledger, or when it does not answer, the call counts as
+    started (charged) and not late."""
+    ledger = getattr(handles, "ledger", None)
+    if ledger is None:
+        return 0.0, math.inf
+    try:
+        return ray.get(ledger.ran.remote(token), timeout=LEDGER_TIMEOUT_S)
+    except ray.exceptions.RayError as exc:
+        log.warning("the pool's ledger did not answer (%s); charging the death to the input", _cause_text(exc))
+        return 0.0, math.inf
+
+
+def _blame(deaths: int, late: int, limit_s: float, exc: Exception) -> str:
+    """Why an input is rejected for killing its actor: the deadline named where it was passed."""
+    if late == deaths:
+        return (f"the model ran past its deadline of {limit_s:g} s (deadline_s + deadline_per_row_s per row) "
+                f"on this input alone {deaths} times; its actor was ended each time")
+    if late:
+        return (f"the model's actor died {deaths} times on this input alone, {late} of them past its "
+                f"{limit_s:g} s deadline")
+    return f"the model's actor died {deaths} times on this input alone: {_cause_text(exc)}"
 
 
 def _cause_text(exc: Exception) -> str:

@@ -52,6 +52,8 @@ class Stage:
         raise NotImplementedError
 
     def pool_spec(self, resources: Resources, batch_size: int) -> PoolSpec:
+        """``resources`` hold the deadline of one model call too (a stage's ``deadline_s`` and
+        ``deadline_per_row_s``, as a model signal's): past it the actor is ended (tasks/actors.py)."""
         return PoolSpec(self.name, type(self), self.params.model_dump(mode="json"), resources, batch_size)
 
     @classmethod

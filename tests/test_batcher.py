@@ -120,3 +120,22 @@ def test_a_request_sent_alone_is_never_merged() -> None:
     assert out == {i: [2 * i] for i in range(5)}
     assert [2] in model.batches  # request 2 ran by itself
     assert batcher.merged >= 1  # while the others still merged
+
+
+def test_started_is_told_when_a_request_leaves_the_queue_not_when_it_arrives() -> None:
+    """What lets a death be charged only to the input in flight: a request waiting behind another
+    model call has not started."""
+    events: list[str] = []
+
+    def model(rows: list[int]) -> list[int]:
+        events.append(f"model {rows}")
+        time.sleep(0.3)
+        return rows
+
+    batcher = Batcher(model, batch_size=16)
+    first = threading.Thread(target=batcher.run, args=([1],), kwargs={"started": lambda: events.append("started 1")})
+    first.start()
+    time.sleep(0.1)  # the model is on [1]
+    assert batcher.run([2], alone=True, started=lambda: events.append("started 2")) == [2]
+    first.join(timeout=30)
+    assert events == ["started 1", "model [1]", "started 2", "model [2]"]

@@ -8,16 +8,34 @@ signals, and their rules, before expensive ones) and the pixel size it needs
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.config import DEADLINE_PER_ROW_S, DEADLINE_S, DeadlinePerRowSeconds, DeadlineSeconds
 from tasks.decode import ImageSample
 
 # Column -> (lowest, highest) value it can take; None: no limit that way.
 Ranges = dict[str, tuple[float | None, float | None]]
+
+
+SMALL_FILE = 1 << 20  # files up to this size are hashed whole in a model's id
+
+
+def _content_sample(path: Path, size: int, chunk: int = 1 << 16) -> bytes:
+    """A small file whole; else four chunks, at its start, a third, two thirds and its end."""
+    with open(path, "rb") as fh:
+        if size <= SMALL_FILE:
+            return fh.read()
+        parts = []
+        for offset in (0, size // 3, 2 * size // 3, size - chunk):
+            fh.seek(offset)
+            parts.append(fh.read(chunk))
+        return b"".join(parts)
 
 
 class NoParams(BaseModel):
@@ -25,12 +43,15 @@ class NoParams(BaseModel):
 
 
 class ModelParams(NoParams):
-    """Actor-pool sizing shared by every model-backed signal."""
+    """Actor-pool sizing shared by every model-backed signal, and how long one model call may run
+    (60 s + 10 s a row: 220 s for a batch of 16 rows, where a CPU model here takes a few seconds)."""
 
     actors: int = Field(1, ge=1, description="actors in this signal's pool")
     cpus_per_actor: float = Field(1.0, ge=0)
     gpus_per_actor: float = Field(0.0, ge=0, description="GPU share per actor; 0 runs on CPU")
     batch_size: int = Field(16, ge=1)
+    deadline_s: DeadlineSeconds = DEADLINE_S
+    deadline_per_row_s: DeadlinePerRowSeconds = DEADLINE_PER_ROW_S
 
 
 @dataclass
@@ -77,6 +98,26 @@ class Signal:
         `t2i analyze` leaves an unavailable signal's columns empty, with one warning."""
         return None
 
+    def model_files(self) -> list[Path]:
+        """The weight and config files this signal loads (none for pixel arithmetic)."""
+        return []
+
+    def model_id(self) -> str | None:
+        """What the output's stamp records of the model: each file's name and size, the hash of every
+        file under 1 MiB (configs, small heads) and of four 64 KiB samples of larger ones (retrained
+        weights differ nearly everywhere), so other weights at the same path are told apart without
+        reading gigabytes; None for a signal without files."""
+        files = self.model_files()
+        if not files:
+            return None
+        digest = hashlib.blake2b(digest_size=6)
+        for path in files:
+            size = path.stat().st_size if path.is_file() else -1
+            digest.update(f"{path.name}\x1f{size}\x1e".encode())
+            if size >= 0:
+                digest.update(_content_sample(path, size))
+        return f"{'+'.join(p.name for p in files)}@{digest.hexdigest()}"
+
     @classmethod
     def columns(cls) -> list[str]:
         return [f.name for f in cls.fields]
@@ -89,7 +130,8 @@ class ModelSignal(Signal):
     ``prepare`` (shard task) turns a sample into a small picklable input, typically a
     uint8 array at ``pixel_side()``; ``setup`` (once per actor) loads the model;
     ``infer`` (actor) maps a batch of inputs to one dict of values per input.
-    Without a pool (unit tests, ``--no-ray``) ``compute_batch`` runs all three here.
+    Without a pool (unit tests, ``--no-ray``) ``compute_batch`` runs all three here, with no
+    deadline: the actor's (``deadline_s``) ends its own process, which here would be the run's.
     """
 
     uses_actor: ClassVar[bool] = True
