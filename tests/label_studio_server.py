@@ -160,10 +160,11 @@ class LabelStudioServer:
         data.mkdir()
         migrate_s = migrated_database(data, timeout) if cache else 0.0
         email, password, token = "grader@example.com", secrets.token_urlsafe(12), secrets.token_hex(20)
+        # --password=: the password may start with "-" (token_urlsafe), which argparse would take for an option
         cmd = [
             str(exe), "start", "--no-browser", "--data-dir", str(data), "--internal-host", "127.0.0.1",
             "--port", str(_free_ports(1)[0]), "--log-level", "WARNING",
-            "--username", email, "--password", password, "--user-token", token, "--enable-legacy-api-token",
+            "--username", email, f"--password={password}", "--user-token", token, "--enable-legacy-api-token",
         ]  # fmt: skip
         with open(root / "label-studio.log", "wb") as log:
             proc = subprocess.Popen(cmd, env=quiet_env(data), cwd=root, stdin=subprocess.DEVNULL, stdout=log,

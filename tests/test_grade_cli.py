@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pytest
 from conftest import PHOTOS
 from PIL import Image, ImageFilter
 
@@ -83,3 +84,40 @@ def test_grading_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     assert t2i("grade", "import", str(few)).returncode == 0
     unfit = t2i("grade", "fit", "--shards", str(out), "--grades", str(few), "--model", str(tmp_path / "m.npz"))
     assert unfit.returncode == 2 and "error: " in unfit.stderr and "Traceback" not in unfit.stderr
+
+
+def test_labelstudio_source_options_apply_to_the_exports_after_them() -> None:
+    from t2i.grade_cli import group_exports
+    from tasks.grading.importer import GradeImportError
+
+    url, server = ("labelstudio_url", "http://a:8080"), ("labelstudio_server", "b")
+    users = ("labelstudio_users", "u.json")
+    # given once: to every export, before or after them
+    assert group_exports([("labelstudio", ["x.json"]), url, ("labelstudio", ["y.json"])]) == \
+        [("x.json", dict([url])), ("y.json", dict([url]))]
+    # several servers: each one's options before its exports; two options may describe one server
+    assert group_exports([url, ("labelstudio", ["x.json"]), server, users, ("labelstudio", ["y.json", "z.json"])]) == \
+        [("x.json", dict([url])), ("y.json", dict([server, users])), ("z.json", dict([server, users]))]
+    assert group_exports([("labelstudio", ["x.json"])]) == [("x.json", {})]
+    with pytest.raises(GradeImportError, match=r"--labelstudio-url given twice for the same exports"):
+        group_exports([url, ("labelstudio_url", "http://c"), ("labelstudio", ["x.json"])])
+    with pytest.raises(GradeImportError, match=r"--labelstudio-server b is followed by no --labelstudio export"):
+        group_exports([url, ("labelstudio", ["x.json"]), server])
+
+
+def test_import_refuses_bare_ids_of_an_unnamed_server_and_names_them_under_a_server_named(tmp_path: Path) -> None:
+    out = curated(tmp_path)
+    gdir = tmp_path / "g"
+    assert t2i("grade", "export", "--shards", str(out), "--n", "3", "--out", str(gdir)).returncode == 0
+    key = duckdb.sql(f"SELECT key FROM '{gdir}/batch.parquet' LIMIT 1").fetchone()[0]
+    ann = {"id": 9, "completed_by": 1, "project": 4, "created_at": "2026-01-02T03:04:05Z",
+           "result": [{"from_name": "quality", "type": "rating", "value": {"rating": 4}}]}
+    (tmp_path / "e.json").write_text(json.dumps([{"id": 7, "project": 4, "data": {"key": key}, "annotations": [ann]}]))
+    refused = t2i("grade", "import", str(gdir), "--labelstudio", str(tmp_path / "e.json"))
+    assert refused.returncode == 2 and "e.json names 1 grader by Label Studio user id only (ids 1)" in refused.stderr
+    named = t2i("grade", "import", str(gdir), "--labelstudio", str(tmp_path / "e.json"), "--labelstudio-server", "lab")
+    assert named.returncode == 0, named.stderr
+    assert json.loads(named.stdout)["graders"] == {"labelstudio:lab/project-4/user-1": 1}
+    bad = t2i("grade", "import", str(gdir), "--labelstudio-users", str(tmp_path / "none.json"), "--labelstudio",
+              str(tmp_path / "e.json"))
+    assert bad.returncode == 2 and "none.json: no such file" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,7 +1,8 @@
 """The Label Studio round trip against a real Label Studio (tests/label_studio_server.py, from .venv-tools):
 a grading workspace's tasks.json and config.xml into a project, ratings from two annotators through the API,
-the JSON export back through ``import_grades`` together with the page's votes.sqlite; and the inputs it must
-refuse (an export of another project, a rating outside 1-5, an empty export)."""
+the JSON export back through ``import_grades`` together with the page's votes.sqlite; graders named by email
+or by id under their server, never merged with a second server's users of the same ids; and the inputs it
+must refuse (an export of another project, a rating outside 1-5, an empty export, bare ids from nowhere)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import copy
 import datetime as dt
 import io
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -20,8 +22,17 @@ from PIL import Image
 
 from tasks.grading import BATCH, GRADES, GRADES_SCHEMA, LABEL_STUDIO, VOTES_DB
 from tasks.grading.export import label_studio_config, label_studio_tasks
-from tasks.grading.importer import GradeImportError, grade_summary, import_grades
-from tasks.grading.labelstudio import LabelStudio
+from tasks.grading.importer import (
+    GradeImportError,
+    LabelStudioSource,
+    grade_summary,
+    import_grades,
+    labelstudio_source,
+    read_users,
+)
+from tasks.grading.labelstudio import LabelStudio, server_name
+from tasks.grading.model import aggregate_votes
+from tasks.grading.votes import VoteError, VoteStore, agreement
 
 pytest_plugins = ["label_studio_server"]
 
@@ -89,7 +100,7 @@ def graded(label_studio, tmp_path_factory):
     return ls, gdir, project, export
 
 
-def test_round_trip(graded):
+def test_round_trip(graded, label_studio):
     ls, gdir, project, export = graded
     tasks = json.loads(export.read_text())
     assert sorted(t["data"]["key"] for t in tasks) == KEYS
@@ -117,16 +128,28 @@ def test_round_trip(graded):
                        "graders": {"ann": 2, "bo": 1, ADMIN: 4, SECOND: 3},
                        "origins": {"labelstudio": 7, "page": 3}}
 
-    # the UI's plain export names annotators by id: labelstudio:<id>, or their emails with annotators=
+    # the UI's plain export names annotators by id only: refused with no word on its server; named by id
+    # under the server's name given, or by email from the server (URL and token) or its users file
     plain = gdir / "plain.json"
     ls.export(project, plain, emails=False)
-    ids = {f"labelstudio:{i}": f"labelstudio:{e}" for i, e in ls.users().items()}
-    by_id = import_grades(str(gdir), [str(plain)], votes_db=False)
-    assert {(k, ids[g], r, o) for k, g, r, o in votes_of(by_id)} == {v for v in expected if v[3] == "labelstudio"}
-    assert votes_of(import_grades(str(gdir), [str(plain)], votes_db=False, annotators=ls.users())) \
-        == {v for v in expected if v[3] == "labelstudio"}
+    assert {type(a["completed_by"]) for t in json.loads(plain.read_text()) for a in t["annotations"]} == {int}
+    in_ls = {v for v in expected if v[3] == "labelstudio"}
+    with pytest.raises(GradeImportError, match=r"^plain\.json names 2 graders by Label Studio user id only "
+                                               r"\(ids 1, 2\), .*--labelstudio-url URL .*--labelstudio-users "
+                                               r"USERS\.json .*--labelstudio-server NAME"):
+        import_grades(str(gdir), [str(plain)])
+    ids = {f"labelstudio:lab/project-{project}/user-{i}": f"labelstudio:{e}" for i, e in ls.users().items()}
+    by_id = import_grades(str(gdir), [str(plain)], votes_db=False, source=LabelStudioSource(server="lab"))
+    assert {(k, ids[g], r, o) for k, g, r, o in votes_of(by_id)} == in_ls
+    by_url = labelstudio_source(url=label_studio.url + "/", token=label_studio.token)
+    assert by_url.server == server_name(label_studio.url) == label_studio.url.removeprefix("http://")
+    assert votes_of(import_grades(str(gdir), [str(plain)], votes_db=False, source=by_url)) == in_ls
+    users = gdir / "users.json"  # GET /api/users/ saved
+    users.write_text(json.dumps(ls.request("GET", "/api/users/").json()))
+    assert votes_of(import_grades(str(gdir), [str(plain)], votes_db=False, source=labelstudio_source(users=users))) \
+        == in_ls
     # the same export twice, or both kinds together: no vote counted twice
-    assert votes_of(import_grades(str(gdir), [str(export), str(export)])) == expected
+    assert votes_of(import_grades(str(gdir), [str(export), (str(plain), by_url), str(export)])) == expected
     # page votes only
     assert votes_of(import_grades(str(gdir))) == {v for v in expected if v[3] == "page"}
 
@@ -230,3 +253,102 @@ def test_page_votes_without_label_studio(tmp_path):
     assert import_grades(str(gdir), votes_db=False).num_rows == 0
     with pytest.raises(GradeImportError, match=r"batch\.parquet not found: is .* a grading workspace"):
         import_grades(str(tmp_path / "nowhere"))
+
+
+@pytest.fixture(scope="module")
+def other_label_studio(tmp_path_factory):
+    """A second server: its user ids are numbered like the first's, for other people."""
+    from label_studio_server import LabelStudioServer
+
+    with LabelStudioServer.start(base_dir=tmp_path_factory.mktemp("other-label-studio")) as server:
+        yield server
+
+
+def test_user_ids_of_two_servers_never_merge(graded, label_studio, other_label_studio, tmp_path):
+    ls_a, gdir, project_a, _ = graded
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    ls_a.export(project_a, a, emails=False)  # as the UI's Export button gives them: bare user ids
+    ls_b = other_label_studio.client()
+    first_a = min(t["id"] for t in json.loads(a.read_text()))
+    if first_a > 1:  # B numbers its tasks from 1: fill up to A's first, so that the two servers' ids collide
+        filler = ls_b.create_project("filler", '<View><Text name="t" value="$t"/></View>')
+        ls_b.import_tasks(filler, [{"data": {"t": "-"}}] * (first_a - 1))
+    project_b = ls_b.create_grading_project(gdir, "the same batch elsewhere")
+    third = ls_b.create_user("third@example.com", username="third")
+    second = {e: i for i, e in ls_a.users().items()}["second@example.com"]
+    assert third == second  # user 2 on both servers: two people
+    tasks_b = {t["data"]["key"]: t["id"] for t in ls_b.tasks(project_b)}
+    ls_b.annotate(tasks_b["g000"], 1, completed_by=third)
+    ls_b.annotate(tasks_b["g001"], 5, completed_by=third)
+    ls_b.export(project_b, b, emails=False)
+
+    named = import_grades(str(gdir), [(a, LabelStudioSource(server="lab-a")), (b, LabelStudioSource(server="lab-b"))],
+                          votes_db=False)
+    assert named.num_rows == 7 + 2
+    on_g000 = {(r["grader"], r["grade"]) for r in named.to_pylist() if r["key"] == "g000"}
+    assert {(f"labelstudio:lab-a/project-{project_a}/user-{second}", 4),
+            (f"labelstudio:lab-b/project-{project_b}/user-{third}", 1)} <= on_g000
+
+    # by email: server A by its URL and token, B by its users file
+    users_b = tmp_path / "users-b.json"
+    users_b.write_text(json.dumps(ls_b.request("GET", "/api/users/").json()))
+    a_by_url = labelstudio_source(url=label_studio.url, token=label_studio.token)
+    by_email = votes_of(import_grades(str(gdir), [(a, a_by_url), (b, labelstudio_source(users=users_b))],
+                                      votes_db=False))
+    assert {("g000", SECOND, 4, "labelstudio"), ("g000", "labelstudio:third@example.com", 1, "labelstudio"),
+            ("g001", SECOND, 4, "labelstudio"), ("g001", "labelstudio:third@example.com", 5, "labelstudio")} <= by_email
+    assert len(by_email) == 9
+
+    before = (gdir / GRADES).read_bytes()
+    # one name for both servers: their ids disagree on what task or annotation N is
+    with pytest.raises(GradeImportError, match=rf"^a\.json and b\.json are both said to come from Label Studio "
+                                               rf"server 'lab', but its task {first_a} is a different task in each"):
+        import_grades(str(gdir), [a, b], source=LabelStudioSource(server="lab"))
+    # B's export checked against A's server: not A's
+    with pytest.raises(GradeImportError, match=rf"^b\.json is not an export of {re.escape(label_studio.url)}: "
+                                               r"its task \d+ \(key 'g00\d' of project \d+, created .*\) is "):
+        import_grades(str(gdir), [(b, a_by_url)])
+    assert (gdir / GRADES).read_bytes() == before  # nothing written
+
+
+def test_sources_bad_input(tmp_path):
+    assert server_name("HTTP://user:secret@LS.Example.com:8080/label/") == "ls.example.com:8080/label"
+    assert server_name("ls.example.com") == "ls.example.com"
+    with pytest.raises(GradeImportError, match=r"'http://' is not a Label Studio URL"):
+        labelstudio_source(url="http://")
+    for bad in ("", "two words"):
+        with pytest.raises(GradeImportError, match=r"--labelstudio-server .*: a name without spaces"):
+            labelstudio_source(server=bad)
+    users = tmp_path / "users.json"
+    users.write_text(json.dumps({"1": "Ann@Example.com", "2": "Deleted"}))
+    assert read_users(users) == {1: "Ann@Example.com", 2: "Deleted"}
+    for body, message in [("[]", "names no users"), ('{"x": "a@b.c"}', "user id 'x' is not a number"),
+                          ("not json", "is not JSON")]:
+        users.write_text(body)
+        with pytest.raises(GradeImportError, match=message):
+            read_users(users)
+    with pytest.raises(GradeImportError, match=r"nowhere\.json: no such file"):
+        read_users(tmp_path / "nowhere.json")
+
+
+def test_page_names_and_old_grades_still_load(tmp_path):
+    gdir = make_workspace(tmp_path / "gdir", KEYS)
+    # a page grader cannot take a Label Studio grader's name (the agreement would count the two as one) ...
+    store = VoteStore(gdir)
+    with pytest.raises(VoteError, match=r"names starting with 'labelstudio:' are Label Studio's graders"):
+        store.record("g000", " LabelStudio:ann@example.com", 3)
+    # ... but a store that holds one still reads, as does a grades table with the old bare-id names
+    with store.connect() as con:
+        con.execute("INSERT INTO votes VALUES ('g000', 'labelstudio:1', 4, '2026-01-02T03:04:05Z')")
+    assert store.votes() == [{"key": "g000", "grader": "labelstudio:1", "grade": 4, "at": "2026-01-02T03:04:05Z"}]
+    assert votes_of(import_grades(str(gdir))) == {("g000", "labelstudio:1", 4, "page")}
+    old = pa.Table.from_pylist([{"key": k, "grader": f"labelstudio:{g}", "grade": v, "origin": "labelstudio",
+                                 "time": dt.datetime(2026, 1, 2, tzinfo=dt.UTC)}
+                                for k, g, v in [("g000", 1, 4), ("g000", 2, 5), ("g001", 1, 2), ("g001", 2, 2)]],
+                               schema=GRADES_SCHEMA)
+    pq.write_table(old, tmp_path / "old-grades.parquet")
+    table = pq.read_table(tmp_path / "old-grades.parquet")
+    assert aggregate_votes(table).to_pylist() == [{"key": "g000", "level": 4, "votes": 2},
+                                                  {"key": "g001", "level": 2, "votes": 2}]
+    (pair,) = agreement(table.to_pylist())["pairs"]
+    assert (pair["a"], pair["b"], pair["n"], pair["exact"]) == ("labelstudio:1", "labelstudio:2", 2, 0.5)

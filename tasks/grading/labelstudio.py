@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -30,6 +31,16 @@ class LabelStudioError(RuntimeError):
     def __init__(self, status: int, method: str, path: str, text: str):
         super().__init__(f"Label Studio: {method} {path} -> HTTP {status}: {text[:500]}")
         self.status = status
+
+
+def server_name(url: str) -> str:
+    """The server as graders' names carry it: host[:port][/path] of its URL, lower-case host, without the
+    scheme, credentials, query or a trailing slash ("http://LS.example.com:8080/" -> "ls.example.com:8080")."""
+    parts = urlsplit(url.strip() if "://" in url else f"http://{url.strip()}")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} is not a Label Studio URL (http://host:port)")
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.hostname.lower()}{port}{parts.path.rstrip('/')}"
 
 
 class LabelStudio:
@@ -57,10 +68,12 @@ class LabelStudio:
         """Tasks (``{"data": {...}}``) added to the project at once; how many it took."""
         return self.request("POST", f"/api/projects/{project}/import", json=list(tasks)).json()["task_count"]
 
-    def create_grading_project(self, gdir: str | Path, title: str) -> int:
-        """A project with the workspace's GDIR/labelstudio/config.xml and its tasks.json imported."""
+    def create_grading_project(self, gdir: str | Path, title: str, votes: int = 3) -> int:
+        """A project with the workspace's GDIR/labelstudio/config.xml and its tasks.json imported, each task
+        open to ``votes`` annotators (Label Studio's default, 1, would take an image out of everyone's
+        queue once a single grader has rated it)."""
         folder = Path(gdir) / LABEL_STUDIO
-        project = self.create_project(title, (folder / "config.xml").read_text())
+        project = self.create_project(title, (folder / "config.xml").read_text(), maximum_annotations=votes)
         self.import_tasks(project, json.loads((folder / "tasks.json").read_text()))
         return project
 
@@ -75,13 +88,17 @@ class LabelStudio:
                 return found
         return found
 
+    def task(self, task: int) -> dict:
+        """One task (its project, data, annotations...)."""
+        return self.request("GET", f"/api/tasks/{task}").json()
+
     def create_user(self, email: str, **fields: Any) -> int:
         """A user in the current user's organization (no password: can be named as an annotation's
         ``completed_by``, or set a password and log in); its id."""
         return self.request("POST", "/api/users/", json={"email": email, **fields}).json()["id"]
 
     def users(self) -> dict[int, str]:
-        """The organization's users: id -> email."""
+        """The organization's users: id -> email (a removed member's reads "Deleted")."""
         return {u["id"]: u["email"] for u in self.request("GET", "/api/users/").json()}
 
     def annotate(self, task: int, rating: int, *, completed_by: int | None = None, from_name: str = "quality",
@@ -98,9 +115,10 @@ class LabelStudio:
         """The project's JSON export (a list of tasks with their annotations), also written to ``out``.
 
         ``emails``: an export snapshot whose annotations name their annotator as ``{"id", "email", ...}``
-        (``t2i grade import`` then names graders ``labelstudio:<email>``); else the plain
+        (``t2i grade import`` then names graders ``labelstudio:<email>`` by itself); else the plain
         ``GET /api/projects/{id}/export?exportType=JSON`` (what the UI's Export button gives), where
-        ``completed_by`` is a user id. ``all_tasks``: tasks nobody annotated too (plain export only)."""
+        ``completed_by`` is a user id (the import needs the server's users or name to name them).
+        ``all_tasks``: tasks nobody annotated too (plain export only)."""
         if emails:
             options = {"annotations__completed_by": {"only_id": False}}
             snap = self.request("POST", f"/api/projects/{project}/exports/",

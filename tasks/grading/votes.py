@@ -35,6 +35,9 @@ from tasks.grading import BATCH, GRADES_SCHEMA, VOTES_DB
 
 BUSY_TIMEOUT_MS = 10_000
 GRADES = range(1, 6)
+# the prefix of every Label Studio grader's name (``t2i grade import``): a page grader may not take one, or
+# their votes would be counted as one grader's in the agreement figures (a store holding one still reads)
+LABEL_STUDIO_GRADERS = "labelstudio:"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS votes (
@@ -69,6 +72,8 @@ def check_vote(key: Any, grader: Any, grade: Any = 1) -> tuple[str, str, int]:
         raise VoteError("grader must be a non-empty name")
     if len(grader.strip()) > 100:
         raise VoteError("grader name is longer than 100 characters")
+    if grader.strip().lower().startswith(LABEL_STUDIO_GRADERS):
+        raise VoteError(f"names starting with {LABEL_STUDIO_GRADERS!r} are Label Studio's graders: choose another")
     if isinstance(grade, bool) or not isinstance(grade, int):
         raise VoteError(f"grade must be an integer from 1 to 5, not {grade!r}")
     if grade not in GRADES:
