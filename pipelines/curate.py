@@ -28,13 +28,14 @@ from prefect.utilities.annotations import quote
 
 from schemas.config import load_config
 from schemas.recaption import RecaptionConfig, load_recaption_config
+from tasks.attempts import sweep_uncommitted
 from tasks.card import write_card
 from tasks.cluster import cluster_address
 from tasks.dedupe import dedupe_keys
 from tasks.lock import output_lock
 from tasks.report import report_link, write_report
 from tasks.runner import RunAborted, RunContext, check_out_outside_source, check_run, open_run
-from tasks.shards import Manifest, sweep_uncommitted
+from tasks.shards import Manifest
 from tasks.sources import SourceShard, discover
 from tasks.stats import compute_stats, format_markdown
 

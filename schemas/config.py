@@ -124,6 +124,11 @@ class RunConfig(Strict):
     ray_connect_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="seconds joining the cluster at RAY_ADDRESS may take before the run fails"
     )
+    attempt_ttl_s: float = Field(
+        120.0, ge=1, le=86400,
+        description="a shard attempt renews its record every ttl/4; another attempt's parts are removed only once it "
+        "lost the commit, its process is gone, or its record is older than this (tasks/attempts.py)",
+    )
 
 
 class StorageConfig(Strict):
@@ -138,9 +143,16 @@ class StorageConfig(Strict):
     secret_access_key: SecretStr | None = None
     anonymous: bool = Field(False, description="public buckets: send no credentials")
     lease_ttl_s: float = Field(
-        60.0, ge=1, le=3600,
+        120.0, ge=1, le=3600,
         description="an object-store output's lock is a lease renewed every ttl/3; a run killed without "
-        "releasing it blocks others for at most this long",
+        "releasing it blocks others for at most this long, and a run that cannot renew it for this long "
+        "stops (so it is above retry_s: an outage the retries ride out must not lose the lease)",
+    )
+    retry_s: float = Field(
+        90.0, ge=0, le=86400,
+        description="how long a storage call is retried after transient errors (connection refused or reset, "
+        "timeouts, HTTP 5xx, throttling), with exponential backoff and jitter, before its unit fails: long "
+        "enough for a one-minute outage; 0 tries once",
     )
 
 

@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 
 from schemas.arrow import KEPT_BASE, reject_schema
 from tasks.lock import output_lock
-from tasks.shards import KINDS, MANIFEST, ROW_GROUP_ROWS, Manifest, committed_glob
+from tasks.shards import KINDS, MANIFEST, ROW_GROUP_ROWS, Manifest, committed_files, committed_glob
 from tasks.storage import Store, as_store, duckdb_setup
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,26 @@ def recover(out: Store | str | Path) -> int:
         moved = _roll_forward(store, verify=True)
         _clear_leftovers(store)
     return moved
+
+
+def twins_of(out: Store | str | Path, shard_ids: set[str]) -> set[str]:
+    """The shards holding ``duplicate_key`` rejects of keys that ``shard_ids`` keep: what must be
+    curated again with them when they change, or those rejects would have no kept twin left."""
+    store = as_store(out)
+    manifest = Manifest(store)
+    entries = [manifest.entry(s) for s in sorted(shard_ids) if store.exists(f"{MANIFEST}/{s}.json")]
+    kept = [store.url(f) for e in entries for f in e.get("files", []) if f.startswith("shards/")]
+    dupes = [f for f in committed_files(store, "rejects") if ".dupes-" in f.rsplit("/", 1)[-1]]
+    if not kept or not dupes:
+        return set()
+    con = duckdb.connect()
+    for statement in duckdb_setup(store):
+        con.execute(statement)
+    rows = con.execute(f"""
+        SELECT DISTINCT filename FROM read_parquet({_sql_files(dupes)}, filename=true)
+        WHERE reason = 'duplicate_key' AND key IN (SELECT key FROM read_parquet({_sql_files(kept)}))
+    """).fetchall()
+    return {_owner(name.removeprefix(store.url() + "/")) for (name,) in rows} - shard_ids
 
 
 # -- plan and stage ---------------------------------------------------------------------------

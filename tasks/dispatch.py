@@ -9,7 +9,15 @@ waits on a pool gives its CPU back to Ray, which would otherwise start more shar
 
 A failure every shard would meet (a signal failing on most rows, a full or read-only output)
 stops every caller: no more shards are started, those in flight are cancelled, and
-``RunAborted`` is raised.
+``RunAborted`` is raised. So does an object store that stays unreachable: a unit whose storage
+calls still fail after ``storage.retry_s`` (tasks/storage_retry.py), tried again and failing
+again, means the store is down, and every other unit would wait out the same budget.
+
+Units never raise to Ray: Ray prints each failed try's traceback, cut short, on the driver's
+stderr (``(raylet) Task ... failed ... User exception: ...``), retried tries included. A unit
+returns ``Failed`` instead, and the dispatcher tries it again itself (``run.task_retries`` times,
+in Ray or in this process) and reports it in one line of its own. Ray's own retries
+(``max_retries``) are left for what kills a try from outside: a worker or node lost.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from tasks.lock import lock_lost
 from tasks.process import ShardResult, process_shard
 from tasks.sources import SourceShard
 from tasks.storage import is_remote, store_error_text
+from tasks.storage_retry import REFUSALS, StoreUnavailable, retry_tally
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +81,10 @@ def fatal_reason(exc: BaseException, out: str | Path) -> str | None:
     return None
 
 
-# What an object store answers when every write would fail: the keys, the bucket, the policy.
-STORE_REFUSALS = ("ACCESS_DENIED", "NO_SUCH_BUCKET", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")
-
-
 def _store_refused(exc: OSError, out: str) -> str | None:
     """A refusal by the output's own bucket stops the run; one by a source's bucket is that shard's."""
     text, bucket = str(exc), urllib.parse.urlsplit(out).netloc
-    if any(code in text for code in STORE_REFUSALS) and f"bucket '{bucket}'" in text:
+    if any(code in text for code in REFUSALS) and f"bucket '{bucket}'" in text:
         return f"cannot write the output {out}: {store_error_text(exc)}"
     return None
 
@@ -92,15 +97,25 @@ class Fatal:
     message: str
 
 
+@dataclass
+class Failed:
+    """What a unit's try returns instead of raising (see the module's docstring)."""
+
+    shard_id: str
+    message: str
+    store_down: bool = False  # a storage call still failed after storage.retry_s
+
+
 def guarded(work: Callable[..., Any], unit_id: str, out: str) -> Any:
-    """``work()``; a failure every unit would meet comes back as ``Fatal`` (not retried by Ray),
-    anything else raises (and is retried)."""
-    try:
-        return work()
-    except Exception as exc:
-        if (message := fatal_reason(exc, out)) is not None:
-            return Fatal(unit_id, message)
-        raise
+    """``work()``, counting its storage retries (``tasks.storage_retry.retries_counted``); a failure
+    every unit would meet comes back as ``Fatal``, any other as ``Failed`` (tried again)."""
+    with retry_tally():
+        try:
+            return work()
+        except Exception as exc:
+            if (message := fatal_reason(exc, out)) is not None:
+                return Fatal(unit_id, message)
+            return Failed(unit_id, f"{type(exc).__name__}: {exc}", store_down=isinstance(exc, StoreUnavailable))
 
 
 def _process_guarded(shard: SourceShard, pools: Pools | None, cfg: CurateConfig, out: str,
@@ -153,8 +168,8 @@ class Dispatcher:
 
     def __init__(self, work: Callable[..., Any], args: tuple, out: str | Path, specs: list[PoolSpec], *,
                  workers: int, use_ray: bool, ray_retries: int, what: str = "shard"):
-        """``args`` go to Ray's object store once; ``ray_retries``: Ray's retries of a failed task
-        (0 when a Prefect task retries the group, so the two do not multiply)."""
+        """``args`` go to Ray's object store once; ``ray_retries``: the tries of a failed unit after
+        its first (0 when a Prefect task retries the group, so the two do not multiply)."""
         self.work, self.args, self.out, self.specs, self.use_ray = work, args, out, specs, use_ray
         self.ray_retries, self.what = ray_retries, what
         self.slots = threading.BoundedSemaphore(workers)
@@ -179,8 +194,8 @@ class Dispatcher:
             check_fits(*pool_resources(self.specs))
             self.pools = start_pools(self.specs)
             self._arg_refs = [ray.put(a) for a in self.args]
-            self._remote = ray.remote(self.work).options(
-                num_cpus=1, max_retries=self.ray_retries, retry_exceptions=self.ray_retries > 0)
+            self._remote = ray.remote(self.work).options(num_cpus=1, max_retries=self.ray_retries,
+                                                         retry_exceptions=False)  # a unit returns Failed
 
     def batch_counts(self) -> dict[str, dict[str, int]]:
         """Per pool, the model batches its live actors ran and how many of them merged requests of
@@ -215,6 +230,12 @@ class Dispatcher:
     def _abort(self, result: Fatal) -> None:
         self.aborted = self.aborted or f"{self.what} {result.shard_id}: {result.message}"
 
+    def _store_down(self, result: Failed, failed: dict[str, str]) -> None:
+        """Stop handing out units: each would wait out the same budget and fail the same way."""
+        detail = result.message.removeprefix(f"{StoreUnavailable.__name__}: ")
+        self.aborted = self.aborted or (f"{detail}; no more {self.what}s were started; failed {self.what}s: "
+                                        f"{', '.join(sorted(failed))}; run again to resume")
+
     def _check_lock(self) -> None:
         """A lost lease (the object store unreachable for its ttl, or the lock taken over) means
         another run may now own the output: stop handing out shards. Shards already in flight
@@ -225,17 +246,20 @@ class Dispatcher:
     def _here(self, todo: list[SourceShard], finished: Finished) -> dict[str, str]:
         failed: dict[str, str] = {}
         for shard in todo:
-            self._check_lock()
-            if self.aborted:
-                break
-            self._collect(lambda s=shard: self.work(s, None, *self.args), shard, failed, finished)
+            tried, again = 0, True
+            while again:
+                self._check_lock()
+                if self.aborted:
+                    return failed
+                tried += 1
+                again = self._collect(lambda s=shard: self.work(s, None, *self.args), shard, failed, finished, tried)
         return failed
 
     def _on_ray(self, todo: list[SourceShard], finished: Finished) -> dict[str, str]:
         self.start()
         failed: dict[str, str] = {}
-        pending: dict[Any, SourceShard] = {}
-        queue = list(reversed(todo))
+        pending: dict[Any, tuple[SourceShard, int]] = {}  # a try in flight, and how many tries that makes
+        queue = [(shard, 1) for shard in reversed(todo)]
         while (queue and not self.aborted) or pending:
             self._check_lock()
             if self.aborted:  # another caller (or this one) stopped the run
@@ -247,30 +271,41 @@ class Dispatcher:
                     self.slots.release()
                 break
             if queue and self.slots.acquire(timeout=0 if pending else 0.5):
-                shard = queue.pop()
-                pending[self._remote.remote(shard, self.pools, *self._arg_refs)] = shard
+                shard, tried = queue.pop()
+                pending[self._remote.remote(shard, self.pools, *self._arg_refs)] = shard, tried
                 continue
             if not pending:
                 continue
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             self._room.check(bool(ready))
             for ref in ready:
-                shard = pending.pop(ref)
+                shard, tried = pending.pop(ref)
                 self.slots.release()
-                self._collect(lambda r=ref: ray.get(r), shard, failed, finished)
+                if self._collect(lambda r=ref: ray.get(r), shard, failed, finished, tried):
+                    queue.append((shard, tried + 1))  # next out
         return failed
 
-    def _collect(self, result_of: Callable[[], ShardResult | Fatal], shard: SourceShard, failed: dict[str, str],
-                 finished: Finished) -> None:
-        """One shard's outcome, here or from Ray: done, failed (recorded), or the run stopped."""
+    def _collect(self, result_of: Callable[[], Any], shard: SourceShard, failed: dict[str, str],
+                 finished: Finished, tried: int) -> bool:
+        """One try's outcome, here or from Ray: done, the run stopped, or failed: True if the unit
+        is to be tried again, else recorded in ``failed``."""
         try:
             result = result_of()
-        except Exception as exc:
+        except Exception as exc:  # Ray's own: the try's worker or node was lost, and so were Ray's retries
             cause = getattr(exc, "cause", None) or exc
-            log.error("%s %s failed: %s", self.what, shard.shard_id, cause)
-            failed[shard.shard_id] = f"{type(cause).__name__}: {cause}"
-            return
+            result, tried = Failed(shard.shard_id, f"{type(cause).__name__}: {cause}"), self.ray_retries + 1
         if isinstance(result, Fatal):
             self._abort(result)
-        else:
+            return False
+        if not isinstance(result, Failed):
             finished(result)
+            return False
+        if tried <= self.ray_retries and not self.aborted:
+            log.warning("%s %s failed (try %d of %d), trying it again: %s", self.what, shard.shard_id, tried,
+                        self.ray_retries + 1, result.message)
+            return True
+        log.error("%s %s failed: %s", self.what, shard.shard_id, result.message)
+        failed[shard.shard_id] = result.message
+        if result.store_down:
+            self._store_down(result, failed)
+        return False

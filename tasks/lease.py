@@ -13,7 +13,7 @@ create, ``ifGenerationMatch=<generation>`` to replace or delete). The semantics 
 
 A lease whose last write is older than its ttl belongs to a dead (or cut off) run and is taken over
 with a write conditional on the stale version, so of takers racing, one wins. A run killed with
-SIGKILL thus blocks its output for up to ttl (60 s by default) plus one second, not zero as a flock
+SIGKILL thus blocks its output for up to ttl (120 s by default) plus one second, not zero as a flock
 does; the refusal says how long is left. The age is the object's modification time (S3's
 ``Last-Modified``, GCS's ``updated``) against the ``Date`` of the same response, both the server's
 clock: no host's clock (the holder's or the taker's) is trusted. HTTP dates are whole seconds, hence
@@ -64,7 +64,7 @@ from tasks.storage import StorageError, s3_settings
 
 log = logging.getLogger(__name__)
 
-LEASE_TTL_S = 60.0
+LEASE_TTL_S = 120.0  # above storage.retry_s (90 s): an outage the retries ride out keeps the lease
 DATE_STEP_S = 1.0  # Date and Last-Modified are whole seconds
 TAKE_ATTEMPTS = 3  # a lease that changes hands this often while we look is busy
 
@@ -351,6 +351,21 @@ def create_once(url: str, body: bytes, storage: StorageConfig | None = None) -> 
             return False
         raise StorageError(f"cannot write {url}: {why(exc) if isinstance(exc, ClientError) else exc}") from None
     return True
+
+
+def object_age_s(url: str, storage: StorageConfig | None = None) -> float | None:
+    """Seconds since the object at ``url`` was last written, by the server's clock (its
+    Last-Modified or ``updated`` against the same response's Date; no host's clock), plus the
+    Date's one-second step; None if there is no object."""
+    parts = urllib.parse.urlsplit(url)
+    target = _OBJECTS[parts.scheme](parts.netloc, parts.path.lstrip("/"), storage)
+    try:
+        got = target.get()
+    except target.errors as exc:
+        raise StorageError(f"cannot read {url}: {why(exc)}") from None
+    if got is None:
+        return None
+    return ((got.date or datetime.now(UTC)) - got.modified).total_seconds() + DATE_STEP_S
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from tasks.lock import output_lock
 from tasks.shards import MANIFEST
 from tasks.sidecar import PART_MANIFEST, Part, PartResult, SidecarPass, guard_set, list_parts, plan_parts, process_part
 from tasks.storage import Store, as_store
+from tasks.storage_retry import retry_tally
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,13 @@ class PassSummary:
     model_batches: dict[str, dict[str, int]] = field(default_factory=dict)  # per stage: batches, merged
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)  # part -> error
+    storage_retries: int = 0  # storage calls tried again after a transient error (parts' and the driver's)
 
     def add(self, result: PartResult) -> None:
         self.parts_done += 1
         self.rows += result.rows
         self.resumed_groups += result.resumed_groups
+        self.storage_retries += result.storage_retries
         for stage, n in result.errors.items():
             self.errors[stage] = self.errors.get(stage, 0) + n
 
@@ -86,7 +89,7 @@ def run_pass(out: str | Path, spec: SidecarPass, *, use_ray: bool = True, comman
     store = check_pass(out, spec)
     url = store.url()
     summary = PassSummary(url, spec.name)
-    with output_lock(out, f"{command} --shards {out}", storage=spec.storage):
+    with retry_tally() as driver, output_lock(out, f"{command} --shards {out}", storage=spec.storage):
         parts = list_parts(store)
         todo = plan_parts(store, spec, parts)
         summary.parts_total, summary.parts_skipped = len(parts), len(parts) - len(todo)
@@ -108,6 +111,7 @@ def run_pass(out: str | Path, spec: SidecarPass, *, use_ray: bool = True, comman
         finally:
             dispatcher.close()
     summary.set_rows = _set_rows(store, spec.name)
+    summary.storage_retries += driver.retries
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 

@@ -6,6 +6,7 @@ small counts out; the rows never leave the worker.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -13,10 +14,14 @@ from pathlib import Path
 
 from schemas.config import CurateConfig
 from tasks.actors import Pools
+from tasks.attempts import Attempt, clear_partial
 from tasks.chain import Chain
-from tasks.shards import TMP, Attempt, Manifest, PartWriter, clear_partial
+from tasks.parts import PartWriter
 from tasks.sources import SourceShard, fingerprint, read_shard
 from tasks.storage import Store, as_store
+from tasks.storage_retry import retries_counted
+
+log = logging.getLogger(__name__)
 
 
 class SourceChanged(RuntimeError):
@@ -37,6 +42,7 @@ class ShardResult:
     reasons: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     fingerprint: dict = field(default_factory=dict)  # tasks.sources.fingerprint, when read
+    storage_retries: int = 0  # storage calls tried again after a transient error, up to the commit
 
     @classmethod
     def from_entry(cls, entry: dict) -> ShardResult:
@@ -66,7 +72,7 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Store | str | Path
     store = as_store(out, cfg.storage)
     chain = Chain(cfg, pools, skip)
     clear_partial(store, shard.shard_id)
-    attempt = Attempt(store, shard.shard_id)
+    attempt = Attempt(store, shard.shard_id, ttl_s=cfg.run.attempt_ttl_s)
     writers = {
         kind: PartWriter(store, kind, shard.shard_id, schema, cfg.output.max_rows_per_shard,
                          cfg.output.max_bytes_per_shard, cfg.output.row_group_rows, attempt=attempt,
@@ -77,31 +83,38 @@ def process_shard(shard: SourceShard, cfg: CurateConfig, out: Store | str | Path
                          fingerprint=fingerprint(shard, cfg.storage))
     reasons: Counter[str] = Counter()
     kept_keys: set[str] = set()
+    with attempt.alive():
+        try:
+            for batch in read_shard(shard, cfg.source, cfg.decode.max_file_bytes, cfg.storage):
+                scored = chain.score_batch(batch, kept_keys)
+                writers["shards"].add(scored.kept)
+                writers["rejects"].add(scored.rejects)
+                reasons.update(scored.rejects.column("reason").to_pylist())
+                result.decodes += scored.decodes
+            for writer in writers.values():
+                writer.flush()
+            if fingerprint(shard, cfg.storage) != result.fingerprint:
+                raise SourceChanged(f"{shard.path} changed while it was read; it is not recorded as done "
+                                    "(read again by a retry or the next run)")
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            _discard(attempt)
+            raise
+        result.files = [f for writer in writers.values() for f in writer.files]
+        result.kept = writers["shards"].count
+        result.rejected = writers["rejects"].count
+        result.reasons = dict(reasons)
+        result.seconds = round(time.perf_counter() - started, 3)
+        result.storage_retries = retries_counted()
+        standing = attempt.commit(result.to_dict())  # the commit, unless another attempt's came first
+    return result if standing.get("attempt") == attempt.token else ShardResult.from_entry(standing)
+
+
+def _discard(attempt: Attempt) -> None:
+    """A failed attempt removes what it wrote, so its retry finds nothing to wait out; if even that
+    fails (the store unreachable), its record expires and a later attempt or sweep removes it."""
     try:
-        for batch in read_shard(shard, cfg.source, cfg.decode.max_file_bytes, cfg.storage):
-            scored = chain.score_batch(batch, kept_keys)
-            writers["shards"].add(scored.kept)
-            writers["rejects"].add(scored.rejects)
-            reasons.update(scored.rejects.column("reason").to_pylist())
-            result.decodes += scored.decodes
-        for writer in writers.values():
-            writer.flush()
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    if fingerprint(shard, cfg.storage) != result.fingerprint:
-        raise SourceChanged(f"{shard.path} changed while it was read; it is not recorded as done "
-                            "(read again by a retry or the next run)")
-    for writer in writers.values():
-        result.files += writer.publish()
-    result.kept = writers["shards"].count
-    result.rejected = writers["rejects"].count
-    result.reasons = dict(reasons)
-    result.seconds = round(time.perf_counter() - started, 3)
-    if store.renames:
-        Manifest(store).record(shard.shard_id, result.to_dict())  # the commit
-        store.delete_tree(f"{TMP}/{shard.shard_id}")
-        return result
-    standing = attempt.commit(result.to_dict())  # the commit, unless another attempt's came first
-    return result if standing["files"] == result.files else ShardResult.from_entry(standing)
+        attempt.discard()
+    except Exception as exc:
+        log.warning("could not remove the parts of failed attempt %s at %s: %s", attempt.token, attempt.shard_id, exc)

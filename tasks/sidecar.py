@@ -36,6 +36,7 @@ from tasks.decode import describe
 from tasks.shards import committed_files
 from tasks.stage import Stage
 from tasks.storage import Store, as_store
+from tasks.storage_retry import retries_counted
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class PartResult:
     part: dict[str, Any] = field(default_factory=dict)
     resumed_groups: int = 0  # row groups taken from an earlier attempt's checkpoints
     seconds: float = 0.0
+    storage_retries: int = 0  # storage calls tried again after a transient error, up to the commit
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -203,6 +205,7 @@ def process_part(part: Part, pools: Pools | None, spec: SidecarPass, out: str,
     _write_groups(store, result.file, tables, spec.schema)
     result.errors = dict(counts.failed)
     result.seconds = round(time.perf_counter() - started, 3)
+    result.storage_retries = retries_counted()
     store.write_bytes(f"{spec.name}/{PART_MANIFEST}/{part.shard_id}.json", json.dumps(result.to_dict()).encode())
     store.delete_tree(f"{spec.name}/{PARTIAL}/{part.shard_id}")
     return result
@@ -222,13 +225,16 @@ def _checkpoint(store: Store, rel: str, keys: pa.ChunkedArray, schema: pa.Schema
 
 
 def _write_groups(store: Store, rel: str, tables: list[pa.Table], schema: pa.Schema) -> None:
-    """One row group per part row group, so row group g of the sidecar is row group g of the part."""
-    with store.writer(rel) as fh:
+    """One row group per part row group, so row group g of the sidecar is row group g of the part.
+    Written from ``tables`` (in memory), so a write the store fails is done again whole."""
+    def fill(fh: Any) -> None:
         writer = pq.ParquetWriter(fh, schema, compression="zstd")
         for table in tables:
             if table.num_rows:
                 writer.write_table(table, row_group_size=table.num_rows)
         writer.close()
+
+    store.write(rel, fill)
 
 
 def count_checkpoint(errors: ErrorRate, table: pa.Table, spec: SidecarPass) -> None:

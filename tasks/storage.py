@@ -11,6 +11,10 @@ Object stores have no rename, so publishing cannot be "write beside, then rename
 ``Store.renames`` tells callers which kind they have (see tasks/shards.py for how a shard is
 published on each). Local writes keep their fsync-then-rename.
 
+On an object store every call is tried again after transient errors (a refused or reset
+connection, a timeout, HTTP 5xx, throttling) for up to ``storage.retry_s``, and every read of an
+S3 file too: tasks/storage_retry.py.
+
 Endpoint, region and credentials come from ``storage:`` in the config or, for what it leaves out,
 from the standard variables (``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``/
 ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
@@ -24,18 +28,23 @@ import datetime
 import functools
 import os
 import shutil
+import threading
+import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from schemas.config import ConfigError, StorageConfig
+from tasks.storage_retry import RetryingReads, retrying
+
+T = TypeVar("T")
 
 REMOTE_SCHEMES = ("s3", "gs")
 
@@ -86,8 +95,12 @@ class Store:
 
     # -- reading -------------------------------------------------------------------------------
 
+    def _try(self, op: Callable[[], T], what: str) -> T:
+        """``op()``; an object store tries it again after transient errors (tasks/storage_retry.py)."""
+        return op()
+
     def info(self, rel: str) -> Entry | None:
-        found = self.fs.get_file_info(self.path(rel))
+        found = self._try(lambda: self.fs.get_file_info(self.path(rel)), f"looking up {self.url(rel)}")
         if found.type != pafs.FileType.File:
             return None
         return Entry(rel, found.size or 0, found.mtime_ns or 0)
@@ -96,40 +109,55 @@ class Store:
         return self.info(rel) is not None
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self.path(rel)) as fh:
-            return fh.read()
+        def once() -> bytes:
+            with self.fs.open_input_stream(self.path(rel)) as fh:
+                return fh.read()
+
+        return self._try(once, f"reading {self.url(rel)}")
 
     def open_input_stream(self, rel: str) -> pa.NativeFile:
         """Sequential reads (a tar, streamed)."""
-        return self.fs.open_input_stream(self.path(rel))
+        return self._try(lambda: self.fs.open_input_stream(self.path(rel)), f"opening {self.url(rel)}")
 
     def open_input_file(self, rel: str) -> pa.NativeFile:
         """Random access (a Parquet file: footer, then the row groups asked for)."""
-        return self.fs.open_input_file(self.path(rel))
+        return self._try(lambda: self.fs.open_input_file(self.path(rel)), f"opening {self.url(rel)}")
 
     def list(self, rel: str = "", suffix: str = "", recursive: bool = False) -> list[Entry]:
         """Files below ``rel`` (sorted by path); nothing if ``rel`` does not exist."""
         base = self.path(rel)
-        found = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=recursive))
+        selector = pafs.FileSelector(base, allow_not_found=True, recursive=recursive)
+        found = self._try(lambda: self.fs.get_file_info(selector), f"listing {self.url(rel)}")
         entries = [Entry(f.path[len(self.root) + 1:], f.size or 0, f.mtime_ns or 0) for f in found
                    if f.type == pafs.FileType.File and f.path.endswith(suffix)]
         return sorted(entries, key=lambda e: e.rel)
 
     # -- writing -------------------------------------------------------------------------------
 
+    def write(self, rel: str, fill: Callable[[IO[bytes]], Any]) -> None:
+        """``fill(fh)`` writes the file, which appears whole at ``rel`` or not at all. On an object
+        store a write that fails for a transient error is done again from the start, so ``fill``
+        must write from what it holds (not from a stream it consumes)."""
+        def once() -> None:
+            with self.writer(rel) as fh:
+                fill(fh)
+
+        self._try(once, f"writing {self.url(rel)}")
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         """All or nothing: a reader sees the old file, the new one, or none."""
-        with self.writer(rel) as fh:
-            fh.write(data)
+        self.write(rel, lambda fh: fh.write(data))
 
     def write_parquet(self, rel: str, table: pa.Table, row_group_rows: int) -> None:
         """An empty table is written with no row group at all: a row group of 0 rows makes some
         readers fail (Hugging Face datasets takes its batch size from the first group)."""
-        with self.writer(rel) as fh:
+        def fill(fh: IO[bytes]) -> None:
             if table.num_rows:
                 pq.write_table(table, fh, compression="zstd", row_group_size=row_group_rows)
             else:
                 pq.ParquetWriter(fh, table.schema, compression="zstd").close()
+
+        self.write(rel, fill)
 
     @contextmanager
     def writer(self, rel: str) -> Iterator[IO[bytes]]:
@@ -138,12 +166,13 @@ class Store:
             yield fh
 
     def open_writer(self, rel: str) -> pa.NativeFile:
-        """An output stream written in place (the object appears when it is closed)."""
-        return self.fs.open_output_stream(self.path(rel))
+        """An output stream written in place (the object appears when it is closed). Only its
+        opening is retried: an upload that fails part-way fails its unit, whose retry starts over."""
+        return self._try(lambda: self.fs.open_output_stream(self.path(rel)), f"opening {self.url(rel)} to write")
 
     def delete(self, rel: str) -> None:
-        with suppress(FileNotFoundError):
-            self.fs.delete_file(self.path(rel))
+        with suppress(FileNotFoundError):  # a retry after a lost reply finds it gone: done too
+            self._try(lambda: self.fs.delete_file(self.path(rel)), f"deleting {self.url(rel)}")
 
     def delete_tree(self, rel: str) -> None:
         """Every object below ``rel`` (an object store has no folders to remove)."""
@@ -153,13 +182,22 @@ class Store:
     def replace(self, src: str, dst: str) -> None:
         """Put ``src`` at ``dst``: a rename here; on an object store a copy (the new ``dst`` appears
         whole) then a delete of ``src``, so a kill in between leaves both, never neither."""
-        self.fs.move(self.path(src), self.path(dst))
+        self._try(lambda: self.fs.move(self.path(src), self.path(dst)), f"moving {self.url(src)} to {dst}")
 
     def sync_dir(self, rel: str) -> None:
         """Make the renames in a folder durable (local only; object stores have no folders)."""
 
     def check(self) -> None:
         """Fail now, with a clear message, if the root cannot be listed (nothing written)."""
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` only if it does not exist, atomically: False if it does."""
+        raise NotImplementedError
+
+    def age_s(self, rel: str) -> float | None:
+        """Seconds since ``rel`` was last written, by the clock of whoever stamps its time (None:
+        no file): what tells a live writer's heartbeat from a dead one's."""
+        raise NotImplementedError
 
 
 class LocalStore(Store):
@@ -211,6 +249,29 @@ class LocalStore(Store):
     def delete_tree(self, rel: str) -> None:
         shutil.rmtree(self.path(rel), ignore_errors=True)
 
+    def create(self, rel: str, data: bytes) -> bool:
+        """The file written beside, fsynced, then hard-linked into place: a link fails if the name
+        exists, so of writers racing exactly one succeeds, and a reader never sees half a file."""
+        path = Path(self.path(rel))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.sync_dir(str(path.parent.relative_to(self.root)))
+        return True
+
+    def age_s(self, rel: str) -> float | None:
+        found = self.info(rel)
+        return None if found is None else time.time() - found.mtime_ns / 1e9
+
 
 class ObjectStore(Store):
     """A bucket and prefix on S3 or GCS (or a MinIO/SeaweedFS speaking S3)."""
@@ -223,11 +284,33 @@ class ObjectStore(Store):
         store.storage = self.storage
         return store
 
+    def _try(self, op: Callable[[], T], what: str) -> T:
+        return retrying(op, what, (self.storage or StorageConfig()).retry_s)
+
+    def open_input_stream(self, rel: str) -> pa.NativeFile:
+        if not self.url_root.startswith("s3://"):
+            return super().open_input_stream(rel)
+        return self.open_input_file(rel)  # on S3 the same object (ranged GETs), and it can tell its position
+
+    def open_input_file(self, rel: str) -> pa.NativeFile:
+        """On S3 each read is retried too (GCS's client resumes its own downloads)."""
+        raw = super().open_input_file(rel)
+        if not self.url_root.startswith("s3://"):
+            return raw
+        what = f"reading {self.url(rel)}"
+        return pa.PythonFile(RetryingReads(raw, lambda op: self._try(op, what)), mode="r")
+
     def create(self, rel: str, data: bytes) -> bool:
-        """Write ``rel`` only if it does not exist (a conditional PUT): False if it does."""
+        """Write ``rel`` only if it does not exist (a conditional PUT): False if it does (also when
+        a try whose reply was lost had written it: callers compare what stands with what they wrote)."""
         from tasks.lease import create_once  # boto3 and the GCS JSON API, only where needed
 
-        return create_once(self.url(rel), data, self.storage)
+        return self._try(lambda: create_once(self.url(rel), data, self.storage), f"creating {self.url(rel)}")
+
+    def age_s(self, rel: str) -> float | None:
+        from tasks.lease import object_age_s
+
+        return self._try(lambda: object_age_s(self.url(rel), self.storage), f"looking up {self.url(rel)}")
 
     def check(self) -> None:
         bucket = self.root.split("/", 1)[0]

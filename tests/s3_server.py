@@ -10,6 +10,9 @@ Fixtures (register with `pytest_plugins = ["s3_server"]` in a conftest or test m
 
 Outside pytest, ``with SeaweedFS.start() as server: ...`` does the same.
 
+``kill()`` ends a server as a crash would (SIGKILL; its data and ports kept) and ``restart()`` brings it back on
+the same ports with the same data: an object-store outage, for tests that ride one out (tests/test_storage_outage.py).
+
 The server binds 127.0.0.1 only, sends no telemetry, writes its logs, sockets and data under its own temporary
 directory (grpc sockets SeaweedFS hard-codes under /tmp are removed at stop), gets SIGTERM when the process that
 started it dies (Linux), and is stopped by pid: SIGTERM, then SIGKILL after a short wait.
@@ -317,12 +320,7 @@ class SeaweedFS:
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false",
             "-master.volumeSizeLimitMB=64", "-volume.max=8",
         ]  # fmt: skip
-        with open(root / "weed.log", "wb") as log:
-            proc = subprocess.Popen(
-                cmd, cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent(),  # resolved before the fork: nothing is imported in the child
-            )  # fmt: skip
-        return cls(root, ports, access_key, secret_key, REGION, proc)
+        return cls(root, ports, access_key, secret_key, REGION, _launch(cmd, root))
 
     def _wait_ready(self, timeout: float) -> None:
         t0 = time.monotonic()
@@ -335,7 +333,7 @@ class SeaweedFS:
                 raise kind(f"weed exited with {self.process.returncode} during start-up; log tail:\n{tail}")
             try:
                 r = self.request("PUT", f"/{probe}", timeout=2)
-                if r.status == 200:
+                if r.status == 200 or r.error_code() == "BucketAlreadyOwnedByYou":  # made by an earlier round
                     r = self.request("PUT", f"/{probe}/ready", body=b"ok", timeout=5)
                     if r.status == 200:
                         self.delete_bucket(probe)
@@ -359,13 +357,31 @@ class SeaweedFS:
             try:
                 self.process.wait(grace)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+                self.kill()
+        self._remove_sockets()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL by pid, as a crash or a lost host would end it: clients meet a closed port. Its
+        directory (data, log) and ports stay, for ``restart``."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def restart(self, timeout: float = START_TIMEOUT_S) -> None:
+        """After ``kill``: the same server again (same ports, data, keys), ready when this returns;
+        objects written before the kill are there. Call it from a thread that outlives the server:
+        the death signal asked for at its start (PR_SET_PDEATHSIG) fires when the starting thread ends."""
+        self.kill()
+        self._remove_sockets()  # stale unix sockets would make the new server's bind fail
+        self.process = _launch(list(self.process.args), self.root)
+        self._wait_ready(timeout)
+
+    def _remove_sockets(self) -> None:
         for name, kind in _TMP_SOCKETS.items():
             with contextlib.suppress(OSError):
                 Path(f"/tmp/seaweedfs-{kind}-{self.ports[name]}.sock").unlink()
-        shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> SeaweedFS:
         return self
@@ -376,6 +392,15 @@ class SeaweedFS:
 
 class _PortClash(RuntimeError):
     pass
+
+
+def _launch(cmd: list[str], root: Path) -> subprocess.Popen:
+    """`weed` in ``root``, its output appended to ``root/weed.log`` (a restart keeps the first run's log)."""
+    with open(root / "weed.log", "ab") as log:
+        return subprocess.Popen(
+            cmd, cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent(),  # resolved before the fork: nothing is imported in the child
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ import pyarrow.fs as pafs
 import pytest
 from test_train_data import config, epoch, row, write_shard
 
-from tasks.shards import Attempt, Manifest, PartWriter, committed_glob
+from tasks.attempts import Attempt
+from tasks.parts import PartWriter
+from tasks.shards import Manifest, committed_glob
 from tasks.stats import compute_stats
 from tasks.storage import duckdb_setup, open_store
 from trainer.captions import CaptionConfig

@@ -93,6 +93,22 @@ def test_stop_kills_by_pid_and_removes_everything(s3_server_factory):
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def test_kill_then_restart_is_the_same_server_with_the_same_objects(s3_server_factory):
+    server = s3_server_factory()
+    bucket = server.new_bucket()
+    put(bucket, "a", b"before")
+    port, root = server.port, server.root
+    server.kill()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # an outage: the port is closed
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        bucket.filesystem(connect_timeout=1).open_input_stream(bucket.path("a")).read()
+    server.restart()
+    assert (server.port, server.root) == (port, root)
+    assert bucket.filesystem().open_input_stream(bucket.path("a")).read() == b"before"
+    put(bucket, "b", b"after")
+
+
 def _fake_weed(tmp_path: Path, body: str) -> Path:
     script = tmp_path / "weed"
     script.write_text(f"#!/bin/sh\n{body}\n")

@@ -147,6 +147,11 @@ class Aesthetic(ModelSignal):
                 problems.append(f"{field} file not found: {path}")
         return "aesthetic: " + "; ".join(problems) if problems else None
 
+    def model_files(self) -> list[Path]:
+        p = self.params
+        files = [Path(f) for f in (p.clip_weights, p.mlp_weights) if f]
+        return files + ([Path(p.clip_model)] if p.clip_model.endswith(".json") else [])
+
     def setup(self) -> None:
         import open_clip
         import torch

@@ -100,6 +100,10 @@ class Faces(ModelSignal):
         missing = [_MODELS[m] for m in self._models() if not (root / _MODELS[m]).is_file()]
         return f"faces: BlazeFace model(s) missing from the mediapipe wheel: {', '.join(missing)}" if missing else None
 
+    def model_files(self) -> list[Path]:
+        root = _model_dir()
+        return [root / _MODELS[m] for m in self._models()] if root else []
+
     def prepare(self, sample: Sample) -> np.ndarray:
         """Capped here (detect caps again), so a 40000x400 banner does not reach the actor as 44 MB."""
         return np.ascontiguousarray(fit_long_side(sample.image.pixel_array(self.params.side)))

@@ -221,6 +221,13 @@ class Ocr(ModelSignal):
         missing = [m for m in (_DET_MODEL, _REC_MODEL) if not (root / "models" / m).is_file()]
         return f"ocr: model(s) missing from the rapidocr wheel: {', '.join(missing)}" if missing else None
 
+    def model_files(self) -> list[Path]:
+        if self.params.backend == "paddleocr":
+            root = Path(self.params.paddle_model_dir or "")
+            return sorted(f for d in ("det", "rec") for f in (root / d).rglob("*") if f.is_file())
+        root = _rapidocr_dir()
+        return [root / "models" / _DET_MODEL, root / "models" / _REC_MODEL] if root else []
+
     def prepare(self, sample: Sample) -> tuple[np.ndarray, str | None]:
         rgb = sample.image.pixel_array(self.pixel_side())
         return np.ascontiguousarray(fit_long_side(rgb, MAX_SIDE)), sample.caption

@@ -233,6 +233,10 @@ class Quality(Signal):
         missing = [str(models / f) for f in ("svm.txt", "normalize.pickle") if not (models / f).is_file()]
         return f"quality: BRISQUE model file not found: {', '.join(missing)}" if missing else None
 
+    def model_files(self) -> list[Path]:
+        models = _model_dir()
+        return [models / "svm.txt", models / "normalize.pickle"] if models else []
+
     def compute(self, sample: Sample) -> dict[str, Any]:
         return {"quality": brisque_score(sample.image.grey_array(self.params.short_side))}
 
