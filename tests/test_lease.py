@@ -188,7 +188,8 @@ def test_the_lease_body_says_who_holds_it_and_holds_no_secret(s3: S3Bucket, monk
         raw = s3.request("GET", "deep/out/_lock").body.decode()
     info = json.loads(raw)
     assert {"host", "pid", "started", "command", "renewed", "ttl_s", "token", "ray_tag", "ray"} == set(info)
-    assert (info["pid"], info["command"], info["ttl_s"], info["ray_tag"]) == (os.getpid(), "t2i curate", 120, "host-1-2")
+    expected = (os.getpid(), "t2i curate", 120, "host-1-2")
+    assert (info["pid"], info["command"], info["ttl_s"], info["ray_tag"]) == expected
     assert s3.secret_key not in raw
 
 
