@@ -49,7 +49,7 @@ from tasks.lock import lock_lost
 from tasks.process import ShardResult, process_shard
 from tasks.sources import SourceShard
 from tasks.storage import is_remote, store_error_text
-from tasks.storage_retry import REFUSALS, StoreUnavailable, retry_tally
+from tasks.storage_retry import REFUSALS, StoreUnavailable, retries_counted, retry_tally
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class Failed:
     shard_id: str
     message: str
     store_down: bool = False  # a storage call still failed after storage.retry_s
+    storage_retries: int = 0  # storage calls the try had tried again before it failed
 
 
 def guarded(work: Callable[..., Any], unit_id: str, out: str) -> Any:
@@ -115,7 +116,8 @@ def guarded(work: Callable[..., Any], unit_id: str, out: str) -> Any:
         except Exception as exc:
             if (message := fatal_reason(exc, out)) is not None:
                 return Fatal(unit_id, message)
-            return Failed(unit_id, f"{type(exc).__name__}: {exc}", store_down=isinstance(exc, StoreUnavailable))
+            return Failed(unit_id, f"{type(exc).__name__}: {exc}", store_down=isinstance(exc, StoreUnavailable),
+                          storage_retries=retries_counted())
 
 
 def _process_guarded(shard: SourceShard, pools: Pools | None, cfg: CurateConfig, out: str,
@@ -174,6 +176,8 @@ class Dispatcher:
         self.ray_retries, self.what = ray_retries, what
         self.slots = threading.BoundedSemaphore(workers)
         self.aborted: str | None = None
+        self.units_retried = 0  # failed tries of units tried again
+        self.failed_tries_storage_retries = 0  # storage retries of tries that failed (their results never came)
         self.pools: Pools | None = None
         self._start_lock = threading.Lock()
         self._remote: Any = None
@@ -300,7 +304,9 @@ class Dispatcher:
         if not isinstance(result, Failed):
             finished(result)
             return False
+        self.failed_tries_storage_retries += result.storage_retries
         if tried <= self.ray_retries and not self.aborted:
+            self.units_retried += 1
             log.warning("%s %s failed (try %d of %d), trying it again: %s", self.what, shard.shard_id, tried,
                         self.ray_retries + 1, result.message)
             return True

@@ -49,6 +49,7 @@ class PassSummary:
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)  # part -> error
     storage_retries: int = 0  # storage calls tried again after a transient error (parts' and the driver's)
+    units_retried: int = 0  # failed tries of shards or parts that were tried again (run.task_retries)
 
     def add(self, result: PartResult) -> None:
         self.parts_done += 1
@@ -110,6 +111,8 @@ def run_pass(out: str | Path, spec: SidecarPass, *, use_ray: bool = True, comman
             summary.model_batches = dispatcher.batch_counts()
         finally:
             dispatcher.close()
+            summary.units_retried += dispatcher.units_retried
+            summary.storage_retries += dispatcher.failed_tries_storage_retries
     summary.set_rows = _set_rows(store, spec.name)
     summary.storage_retries += driver.retries
     summary.seconds = round(time.perf_counter() - started, 3)

@@ -69,6 +69,7 @@ class RunSummary:
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)  # shard_id -> error
     storage_retries: int = 0  # storage calls tried again after a transient error (shards' and the driver's)
+    units_retried: int = 0  # failed tries of shards or parts that were tried again (run.task_retries)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, result: ShardResult) -> None:
@@ -286,6 +287,8 @@ def run(
             summary.failed.update(ctx.dispatcher.run_shards(ctx.todo, finished))
         finally:
             ctx.dispatcher.close()
+            summary.units_retried += ctx.dispatcher.units_retried
+            summary.storage_retries += ctx.dispatcher.failed_tries_storage_retries
         sweep_uncommitted(ctx.store)  # attempts that lost their node: a listing now shows committed parts only
         summary.duplicates_moved = dedupe_keys(ctx.store) if dedupe else 0
         write_card(ctx.store)  # after the key pass: the parts as they stay
