@@ -21,9 +21,13 @@ import psutil
 MB = 2**20
 
 
-def _tree() -> list[psutil.Process]:
-    me = psutil.Process()
-    return [me, *me.children(recursive=True)]
+def _tree(root: int | None = None) -> list[psutil.Process]:
+    """``root`` (this process if None) and its descendants; none once ``root`` has exited."""
+    try:
+        top = psutil.Process(root)
+        return [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _busy_seconds() -> float:
@@ -33,10 +37,16 @@ def _busy_seconds() -> float:
 
 
 class TreeSampler:
-    """``with TreeSampler() as s: ...`` then ``s.peak_mb``, ``s.base_mb``, ``s.other_cpu_s``."""
+    """``with TreeSampler() as s: ...`` then ``s.peak_mb``, ``s.base_mb``, ``s.other_cpu_s``.
 
-    def __init__(self, interval: float = 0.2):
+    ``root``: sample that process's tree instead of this one's (a run started as a subprocess,
+    without the servers this process also started). ``timeline`` keeps every sample as (Unix
+    time, MB), for peaks over parts of a long run."""
+
+    def __init__(self, interval: float = 0.2, root: int | None = None):
         self.interval = interval
+        self.root = root
+        self.timeline: list[tuple[float, float]] = []
         self.base_mb = 0.0
         self.peak_mb = 0.0
         self.peak_by_process: dict[str, float] = {}  # process name -> MB, at the peak sample
@@ -51,7 +61,7 @@ class TreeSampler:
 
     def _sample(self) -> float:
         by_name: dict[str, float] = {}
-        for proc in _tree():
+        for proc in _tree(self.root):
             try:
                 with proc.oneshot():
                     rss = proc.memory_info().rss
@@ -63,6 +73,7 @@ class TreeSampler:
             by_name[name] = by_name.get(name, 0.0) + rss / MB
         self.samples += 1
         mb = sum(by_name.values())
+        self.timeline.append((time.time(), mb))
         if mb > self.peak_mb:
             self.peak_mb, self.peak_by_process = mb, by_name
         return mb

@@ -1,5 +1,6 @@
-"""``python -m bench.run [--quick] [--only all|curate|flow|models|train|captions|synth]``: speed, scaling,
-memory, the flow without barriers, model signals, trainer, the caption pass, synthetic text images.
+"""``python -m bench.run [--quick] [--only all|curate|flow|models|train|captions|synth|soak]``: speed,
+scaling, memory, the flow without barriers, model signals, trainer, the caption pass, synthetic text
+images, a soak under faults.
 
 ``--only curate`` is issue 2's four figures below; ``--only models`` is issue 3's, per model signal
 and the whole chain against a naive unfused loop (see bench/models.py); ``--only train`` is issue
@@ -10,7 +11,11 @@ one straggler against the sequential flow it replaced (see bench/flow.py, its ow
 transformers vs CTranslate2 int8 and float32, the pass's ms/row over reading the shards, in-process
 and on Ray, and public CogVLM figures sized to 10M images (see bench/captions.py, its own data);
 ``--only synth`` is ``t2i synth``'s: render + encode images/s at 512 and 1024, the OCR check's rows/s and
-pass rate, TextRecognitionDataGenerator beside it in its own venv (see bench/synth.py, its own data). The
+pass rate, TextRecognitionDataGenerator beside it in its own venv (see bench/synth.py, its own data);
+``--only soak`` is ``t2i curate`` with the default config over 50,000 small rows from and to S3 while
+model actors and the S3 server are killed, against an uninterrupted run: rows/s and peak RSS over the
+run, equal outputs (see bench/soak.py, its own data and server). It takes over an hour on 2 cores, so
+``--only all`` leaves it out; ``--quick --only soak`` is 5,000 rows. The
 others use the same synthetic corpus (see bench/corpus.py):
 
 - ``decode_images_per_s``: a bare full-size decode (open, load, RGB) of every image, one process.
@@ -48,7 +53,7 @@ import psutil
 import pyarrow as pa
 from PIL import Image
 
-from bench import accuracy, captions, flow, models, synth
+from bench import accuracy, captions, flow, models, soak, synth
 from bench.corpus import REPO, CorpusSpec, build_corpus
 from bench.memory import TreeSampler
 from bench.previous import previous_chain
@@ -74,6 +79,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     **models.TARGETS,
     **accuracy.TARGETS,
     **synth.TARGETS,
+    **soak.TARGETS,
 }
 
 
@@ -318,7 +324,8 @@ def passed(name: str, value: float) -> bool:
 def print_table(results: dict[str, Any], header: str) -> None:
     figures = ("decode_images_per_s", "chain_images_per_s", "previous_chain_cost_vs_decode", "flow_streamed_s",
                "flow_sequential_s", "full_chain_images_per_s", "naive_images_per_s", "full_chain_vs_naive_flushed",
-               "train_step_s", "minimal_step_s", "train_step_ema_s", "loader_samples_per_s_per_core")
+               "train_step_s", "minimal_step_s", "train_step_ema_s", "loader_samples_per_s_per_core",
+               "soak_rows_per_s_start", "soak_rows_per_s_end", "soak_rss_mb_start", "soak_rss_mb_end")
     rows = [(name, results[name], "", "") for name in figures if results.get(name) is not None]
     for name, (op, target) in TARGETS.items():
         if name in results:
@@ -340,6 +347,8 @@ def print_table(results: dict[str, Any], header: str) -> None:
         captions.print_section(results["captions"])
     if "synth" in results:
         synth.print_section(results["synth"])
+    if "soak" in results:
+        soak.print_section(results["soak"])
     if "train" in results:
         from bench import train  # already imported by the run that measured it
 
@@ -407,10 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-tar", type=int, help="samples per tar (default 500, quick 50)")
     parser.add_argument("--speedup-tars", type=int, help="tars for the 1 vs 2 workers runs (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed")
-    parser.add_argument("--only", choices=("all", "curate", "flow", "models", "train", "captions", "synth"),
+    parser.add_argument("--kill-every", type=float, help="soak: seconds between model actor kills (default 20)")
+    parser.add_argument("--only", choices=("all", "curate", "flow", "models", "train", "captions", "synth", "soak"),
                         default="all",
                         help="curate: issue 2's figures; flow: the flow vs the sequential one; models: issue 3's; "
-                        "train: issue 5's; captions: the caption pass's; synth: t2i synth's (default: all)")
+                        "train: issue 5's; captions: the caption pass's; synth: t2i synth's; soak: the soak under "
+                        "faults, not in all (default: all)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init; make sets it too
     plan = PLANS["quick" if args.quick else "full"]
@@ -422,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = CorpusSpec(samples=plan.large_samples, per_tar=plan.per_tar, seed=args.seed)
     phases: dict[str, float] = {}  # wall seconds per step, to see where a slow run went
     results: dict[str, Any] = {}
-    if args.only not in ("flow", "captions", "synth"):  # those sections make their own data
+    if args.only not in ("flow", "captions", "synth", "soak"):  # those sections make their own data
         with phase(phases, "corpus", f"{spec.samples} samples in {spec.tars} tars under {BENCH_OUT}"):
             corpus = build_corpus(BENCH_OUT, spec)
         shards = discover(corpus, bench_config(1).source)
@@ -459,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         with phase(phases, "synth", "render + encode at 512 and 1024, the synth cascade with OCR, trdg beside"):
             results |= synth.measure(plan.mode, BENCH_OUT / "synth")
         results["synth"]["machine"] = info
+    if args.only == "soak":  # over an hour in full on 2 cores: not part of all
+        with phase(phases, "soak", "default config from and to S3, model actors and the S3 server killed"):
+            results |= soak.measure(plan.mode, BENCH_OUT / "soak", args.kill_every)
+        results["soak"]["machine"] = info
     info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = {name: {"op": op, "value": value} for name, (op, value) in TARGETS.items() if name in results}
     results["passed"] = {name: passed(name, results[name]) for name in results["targets"]}
