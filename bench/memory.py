@@ -41,12 +41,12 @@ class TreeSampler:
 
     ``root``: sample that process's tree instead of this one's (a run started as a subprocess,
     without the servers this process also started). ``timeline`` keeps every sample as (Unix
-    time, MB), for peaks over parts of a long run."""
+    time, MB, CPU seconds the tree has used so far), for peaks and work over parts of a long run."""
 
     def __init__(self, interval: float = 0.2, root: int | None = None):
         self.interval = interval
         self.root = root
-        self.timeline: list[tuple[float, float]] = []
+        self.timeline: list[tuple[float, float, float]] = []
         self.base_mb = 0.0
         self.peak_mb = 0.0
         self.peak_by_process: dict[str, float] = {}  # process name -> MB, at the peak sample
@@ -73,7 +73,7 @@ class TreeSampler:
             by_name[name] = by_name.get(name, 0.0) + rss / MB
         self.samples += 1
         mb = sum(by_name.values())
-        self.timeline.append((time.time(), mb))
+        self.timeline.append((time.time(), mb, sum(self._cpu_seen.values())))  # exited processes: as last seen
         if mb > self.peak_mb:
             self.peak_mb, self.peak_by_process = mb, by_name
         return mb

@@ -14,8 +14,8 @@ and on Ray, and public CogVLM figures sized to 10M images (see bench/captions.py
 pass rate, TextRecognitionDataGenerator beside it in its own venv (see bench/synth.py, its own data);
 ``--only soak`` is ``t2i curate`` with the default config over 50,000 small rows from and to S3 while
 model actors and the S3 server are killed, against an uninterrupted run: rows/s and peak RSS over the
-run, equal outputs (see bench/soak.py, its own data and server). It takes over an hour on 2 cores, so
-``--only all`` leaves it out; ``--quick --only soak`` is 5,000 rows. The
+run, equal outputs (see bench/soak.py, its own data and server). It takes about 95 minutes on 2 cores,
+so ``--only all`` leaves it out; ``--quick --only soak`` is 5,000 rows (about 10 minutes). The
 others use the same synthetic corpus (see bench/corpus.py):
 
 - ``decode_images_per_s``: a bare full-size decode (open, load, RGB) of every image, one process.
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         with phase(phases, "synth", "render + encode at 512 and 1024, the synth cascade with OCR, trdg beside"):
             results |= synth.measure(plan.mode, BENCH_OUT / "synth")
         results["synth"]["machine"] = info
-    if args.only == "soak":  # over an hour in full on 2 cores: not part of all
+    if args.only == "soak":  # ~95 minutes in full on 2 cores: not part of all
         with phase(phases, "soak", "default config from and to S3, model actors and the S3 server killed"):
             results |= soak.measure(plan.mode, BENCH_OUT / "soak", args.kill_every)
         results["soak"]["machine"] = info

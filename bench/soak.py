@@ -20,8 +20,8 @@ manifest. ``soak_rss_flat``: the largest third's peak over the smallest (target 
 ``soak_output_equal``: 1 when every kept row (all columns, image bytes by md5) and every reject row
 equals the reference's. "Others' CPU" is everything outside the run's tree, the S3 server included.
 
-``full``, 50,000 rows in 50 tars of 1,000, takes about two hours on 2 cores, so ``--only all`` leaves
-it out (``--only soak``); ``--quick`` is 5,000 rows in 50 tars of 100 (about 15 minutes).
+``full``, 50,000 rows in 50 tars of 1,000, takes about 95 minutes on 2 cores, so ``--only all`` leaves
+it out (``--only soak``); ``--quick`` is 5,000 rows in 50 tars of 100 (about 10 minutes).
 """
 
 from __future__ import annotations
@@ -194,30 +194,37 @@ def curate(name: str, corpus_url: str, server: Any, plan: SoakPlan, root: Path, 
         result["error"] = lines[-1] if lines else f"exit {proc.returncode}"
         return result | {"peak_rss_mb": round(mem.peak_mb, 1), "other_cpu_s": round(mem.other_cpu_s, 1)}
     summary, entries = json.loads(stdout), Manifest(store).entries()
-    result |= {k: summary[k] for k in ("kept", "rejected", "storage_retries", "seconds")}
+    result |= {k: summary.get(k, 0) for k in ("kept", "rejected", "storage_retries", "units_retried", "seconds")}
     if outage:  # did the outage meet work in flight (shard spans as the manifest records them)?
         result["shards_across_outage"] = sum(e["started_at"] < outage[1] and e["started_at"] + e["seconds"] > outage[0]
                                              for e in entries)
     return result | thirds(entries, mem.timeline) | {"other_cpu_s": round(mem.other_cpu_s, 1)}
 
 
-def thirds(entries: list[dict[str, Any]], timeline: list[tuple[float, float]]) -> dict[str, Any]:
-    """Rows/s and peak tree RSS in each third of the shard phase, and rows/s in tenths (over time)."""
+def thirds(entries: list[dict[str, Any]], timeline: list[tuple[float, float, float]]) -> dict[str, Any]:
+    """Rows/s, peak tree RSS and rows per CPU-second of the run's tree in each third of the shard
+    phase, and rows/s in tenths (over time). Rows per CPU-second falls only if the run does more
+    work per row; rows/s falls too when other processes take the cores."""
     spans = [(e["started_at"], e["started_at"] + e["seconds"], e["kept"] + e["rejected"]) for e in entries]
     t0, t1 = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
 
-    def rate(lo: float, hi: float) -> float:  # each shard's rows spread evenly over its own span
-        rows = sum(n * max(0.0, min(e, hi) - max(s, lo)) / max(e - s, 1e-9) for s, e, n in spans)
-        return round(rows / (hi - lo), 2)
+    def rows(lo: float, hi: float) -> float:  # each shard's rows spread evenly over its own span
+        return sum(n * max(0.0, min(e, hi) - max(s, lo)) / max(e - s, 1e-9) for s, e, n in spans)
+
+    def cpu_by(t: float) -> float:
+        return max((cpu for at, _, cpu in timeline if at <= t), default=0.0)
 
     cuts = [t0 + (t1 - t0) * i / 3 for i in range(4)]
+    tenth = (t1 - t0) / 10
     out: dict[str, Any] = {"shard_phase_s": round(t1 - t0, 1),
-                           "rows_per_s_tenths": [rate(t0 + (t1 - t0) * i / 10, t0 + (t1 - t0) * (i + 1) / 10)
+                           "rows_per_s_tenths": [round(rows(t0 + tenth * i, t0 + tenth * (i + 1)) / tenth, 2)
                                                  for i in range(10)]}
     for i, part in enumerate(("start", "middle", "end")):
-        out[f"rows_per_s_{part}"] = rate(cuts[i], cuts[i + 1])
-        peaks = [mb for t, mb in timeline if cuts[i] <= t <= cuts[i + 1]]
-        out[f"rss_mb_{part}"] = round(max(peaks, default=0.0), 1)
+        lo, hi = cuts[i], cuts[i + 1]
+        out[f"rows_per_s_{part}"] = round(rows(lo, hi) / (hi - lo), 2)
+        cpu = cpu_by(hi) - cpu_by(lo)
+        out[f"rows_per_cpu_s_{part}"] = round(rows(lo, hi) / cpu, 2) if cpu > 0 else None
+        out[f"rss_mb_{part}"] = round(max((mb for t, mb, _ in timeline if lo <= t <= hi), default=0.0), 1)
     rss = [out[f"rss_mb_{p}"] for p in ("start", "middle", "end")]
     out["rss_flat"] = round(max(rss) / min(rss), 3) if min(rss) > 0 else None
     return out
@@ -285,6 +292,7 @@ def print_section(s: dict[str, Any]) -> None:
               f"{r['rows_per_s_end']} | peak RSS MB {r['rss_mb_start']} / {r['rss_mb_middle']} / {r['rss_mb_end']} "
               f"(flat {r['rss_flat']}) | kept {r['kept']}, rejected {r['rejected']}, actor kills {r['actor_kills']}, "
               f"S3 outage {r['s3_outage_s']} s across {r.get('shards_across_outage', 0)} shards, storage retries "
-              f"{r['storage_retries']}, others' CPU {r['other_cpu_s']} s")
-        print(f"  {'':<10}rows/s by tenth of the shard phase: {r['rows_per_s_tenths']}")
+              f"{r['storage_retries']}, shard tries retried {r['units_retried']}, others' CPU {r['other_cpu_s']} s")
+        print(f"  {'':<10}rows/s by tenth of the shard phase: {r['rows_per_s_tenths']}; rows per CPU-second of "
+              f"the run: {r['rows_per_cpu_s_start']} / {r['rows_per_cpu_s_middle']} / {r['rows_per_cpu_s_end']}")
     print(f"  rows differing from the reference: {s['rows_differing'] or 'not compared (a run failed)'}")
